@@ -1,0 +1,1 @@
+"""Hardware cost models of neuro-mar (installed as ``neuro_mar.hardware_models``)."""

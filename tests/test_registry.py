@@ -1,0 +1,154 @@
+"""Every registry entry inside a SpikeSite, the site's counters and recorders, swapping."""
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import neuro_mar
+from neuro_mar.neurons import SpikeSite, available, create, swap_neurons
+
+SPIKING = [n for n in available() if n != "dense"]
+LEVELS = {"ternary": {-1.0, 0.0, 1.0}, "binary": {0.0, 1.0}}
+
+
+def test_available_lists_every_entry_with_description():
+    names = available()
+    assert {"atmn", "binary", "sj-if", "sj-lif", "sj-ternary-if", "sj-ternary-lif", "snntorch-leaky",
+            "si-lif", "dense"} <= set(names)
+    assert all(isinstance(d, str) and d for d in names.values())
+
+
+@pytest.mark.parametrize("name", list(available()))
+def test_entry_forward_backward_in_site(name):
+    site = SpikeSite(create(name, channels=8))
+    x = (torch.randn(2, 5, 8) * 2).requires_grad_()
+    y = site(x)
+    assert y.shape == x.shape and y.dtype == x.dtype
+    (y * torch.randn_like(y)).sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+    a = getattr(site.neuron, "a", None)
+    if name != "dense":
+        assert a.grad is not None and torch.isfinite(a.grad).all() and a.grad.abs().sum() > 0
+        spikes = site.neuron.encode(x.detach())
+        assert set(spikes.unique().tolist()) <= LEVELS[site.neuron.spike_levels]
+    stats = site.stats()
+    assert stats["elements"] == x.numel() and stats["calls"] == 1
+
+
+@pytest.mark.parametrize("name", SPIKING)
+@settings(max_examples=15, deadline=None)
+@given(seed=st.integers(0, 2**16), scale=st.floats(0.05, 20.0))
+def test_entry_decoding_identity(name, seed, scale):
+    """x = V * (sum_t w_t s_t + w_{T-1} * residual) for every spiking entry."""
+    n = create(name, channels=4).double()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        n.a.copy_(torch.randn(4, generator=g, dtype=torch.float64) * 0.5)
+    x = torch.randn(16, 4, generator=g, dtype=torch.float64) * scale
+    s = n.encode(x)
+    w = n.step_weights().view(-1, 1, 1)
+    recon = n.threshold * ((w * s).sum(0) + w[-1] * n.residual(x))
+    torch.testing.assert_close(recon, x, rtol=1e-9, atol=1e-9 * scale)
+
+
+def test_site_counters_match_spikes_and_reset():
+    site = SpikeSite(create("atmn", channels=6))
+    xs = [torch.randn(3, 6) * 2 for _ in range(3)]
+    pos = neg = 0
+    for x in xs:
+        s = site.neuron.encode(x)
+        pos += int((s > 0).sum())
+        neg += int((s < 0).sum())
+        site(x)
+    st_ = site.stats()
+    assert (st_["positive"], st_["negative"], st_["elements"], st_["calls"], st_["T"]) == (pos, neg, 54, 3, 4)
+    assert st_["firing_rate"] == pytest.approx((pos + neg) / (54 * 4))
+    site.reset_counters()
+    assert site.stats()["positive"] == 0 and site.stats()["calls"] == 0
+
+
+def test_site_recorder_only_when_asked():
+    site = SpikeSite(create("atmn", channels=6))
+    got = []
+    h = site.add_recorder(lambda s, spikes: got.append(spikes))
+    x = torch.randn(2, 3, 6) * 2
+    site(x)
+    assert len(got) == 1 and got[0].dtype == torch.int8 and got[0].shape == (4, 2, 3, 6)
+    torch.testing.assert_close(got[0].float(), site.neuron.encode(x))
+    h.remove()
+    site(x)
+    assert len(got) == 1
+    # nothing is kept by the site between calls
+    assert not any(isinstance(v, torch.Tensor) and v.dim() > 1 for v in vars(site).values())
+
+
+def test_site_preserves_dtype_half():
+    site = SpikeSite(create("atmn", channels=8))
+    x = torch.randn(4, 8, dtype=torch.bfloat16)
+    assert site(x).dtype == torch.bfloat16
+
+
+def test_create_errors_list_what_exists():
+    with pytest.raises(ValueError, match="available: atmn"):
+        create("nope", channels=4)
+    with pytest.raises(ValueError, match="accepts"):
+        create("atmn", channels=4, bogus=1)
+    with pytest.raises(ValueError, match="surrogate"):
+        create("atmn", channels=4, surrogate="nope")
+    with pytest.raises(ValueError):
+        create("snntorch-leaky", channels=4, beta=1.5)
+
+
+class _Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.in_site = SpikeSite(create("atmn", channels=8))
+        self.proj = nn.Linear(8, 8)
+        self.mlp = nn.Module()
+        self.mlp.down_site = SpikeSite(create("atmn", channels=8))
+
+    def forward(self, x):
+        return self.mlp.down_site(self.proj(self.in_site(x)))
+
+
+def test_swap_round_trip_keeps_trained_threshold():
+    m = _Tiny()
+    with torch.no_grad():
+        m.in_site.neuron.a.copy_(torch.randn(8))
+    trained = m.in_site.neuron.a.detach().clone()
+    summary = swap_neurons(m, "sj-lif")
+    assert summary.changed == 2 and all(r["threshold_carried"] for r in summary.rows)
+    assert type(m.in_site.neuron).__name__ == "SpikingJellyInputOnce"
+    m(torch.randn(2, 8)).sum().backward()
+    summary = neuro_mar.swap_neurons(m, "atmn", keep_threshold=True)
+    torch.testing.assert_close(m.in_site.neuron.a.detach(), trained)
+    assert "in_site" in str(summary)
+    # not asked: a fresh threshold
+    swap_neurons(m, "sj-if", keep_threshold=False)
+    assert torch.all(m.in_site.neuron.a == 0)
+
+
+def test_swap_pattern_and_options():
+    m = _Tiny()
+    summary = swap_neurons(m, "binary", pattern="mlp.*", T=6)
+    assert [r["site"] for r in summary.rows] == ["mlp.down_site"]
+    assert m.mlp.down_site.neuron.T == 6 and m.mlp.down_site.neuron.spike_levels == "binary"
+    assert m.in_site.neuron.spike_levels == "ternary"
+    with pytest.raises(ValueError, match="available"):
+        swap_neurons(m, "nope")
+    with pytest.raises(ValueError, match="no SpikeSite"):
+        swap_neurons(nn.Linear(2, 2), "atmn")
+    summary = swap_neurons(m, "dense")
+    assert summary.changed == 2 and not any(r["threshold_carried"] for r in summary.rows)
+    x = torch.randn(3, 8)
+    torch.testing.assert_close(m(x), m.mlp.down_site(m.proj(x)))
+
+
+def test_cli_neurons_table(capsys):
+    from neuro_mar.cli import main
+
+    assert main(["neurons"]) == 0
+    out = capsys.readouterr().out
+    for name in available():
+        assert name in out
