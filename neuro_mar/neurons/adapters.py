@@ -11,6 +11,7 @@ multiplied by g when charged), soft reset by the threshold gives the exact decod
 from __future__ import annotations
 
 import inspect
+import math
 
 import torch
 from torch import nn
@@ -30,6 +31,7 @@ class _LinearSoftResetAdapter(InputOnceMixin, nn.Module):
         if not (0 < self.leak <= 1) or self.gain <= 0:
             raise ValueError(f"leak must be in (0, 1] and gain > 0, got leak={leak}, gain={gain}")
         self.a = make_log_threshold(channels, init_threshold)
+        self.init_log_threshold = math.log(init_threshold)
 
     def step_weights(self) -> torch.Tensor:
         return torch.tensor([self.leak ** (-t) / self.gain for t in range(self.T)], dtype=torch.float64)
@@ -150,6 +152,7 @@ class SILIF(InputOnceMixin, nn.Module):
         super().__init__()
         self.D = self.T = check_T(D)
         self.a = make_log_threshold(channels, init_threshold)
+        self.init_log_threshold = math.log(init_threshold)
 
     def step_weights(self) -> torch.Tensor:
         return torch.ones(self.T, dtype=torch.float64)

@@ -74,6 +74,7 @@ class ATMN(InputOnceMixin, sj_neuron.BaseNode):
         self.ternary = bool(ternary)
         self.spike_levels = "ternary" if self.ternary else "binary"
         self.a = make_log_threshold(channels, init_threshold)
+        self.init_log_threshold = math.log(init_threshold)
 
     # -- the neuron's equations, shared by every path ----------------------------------
     def _charge(self, x: torch.Tensor | None, u: torch.Tensor | None) -> torch.Tensor:
@@ -132,12 +133,11 @@ class ATMN(InputOnceMixin, sj_neuron.BaseNode):
         return u / V
 
     def config(self) -> dict:
-        """Constructor options (for saving and swapping)."""
+        """Registry options (for saving and swapping); ternary/binary is the registry name."""
         return {
             "T": self.T,
             "tau": self.tau,
             "surrogate": surrogate_name(self.surrogate_function),
-            "ternary": self.ternary,
             "detach_reset": self.detach_reset,
         }
 

@@ -1,0 +1,116 @@
+"""Initialise a MAR student from a Llama-family teacher ("Mamba in the Llama" initialisation).
+
+Per layer: C <- W_q, B <- W_k, x <- W_v (grouped KV heads repeated to the query heads),
+out_proj <- W_o; the gate z starts constant (weights 0, bias z* with silu(z*) = 1), A_log's
+weights start at 0 with dt_bias giving a long memory, the conv starts as the identity and D at 0,
+so at initialisation each mixer is a causal linear attention with per-head decay. Embeddings,
+norms, MLPs and the LM head are copied.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .models import MARConfig, MARForCausalLM
+
+#: silu(Z_STAR) == 1: a gate that passes y unchanged at initialisation.
+Z_STAR = 1.2784645427610738
+
+
+def _layers(teacher):
+    base = getattr(teacher, "model", None)
+    layers = getattr(base, "layers", None)
+    needed = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+              "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj", "input_layernorm", "post_attention_layernorm")
+    if layers is None or not len(layers) or not hasattr(base, "embed_tokens") or not hasattr(base, "norm"):
+        raise ValueError(f"llama_to_mar: {type(teacher).__name__} is not a Llama-shaped causal LM "
+                         "(expected model.embed_tokens, model.layers[i].self_attn.{q,k,v,o}_proj, "
+                         "model.layers[i].mlp.{gate,up,down}_proj, model.norm, lm_head)")
+    for name in needed:
+        obj = layers[0]
+        for part in name.split("."):
+            obj = getattr(obj, part, None)
+        if obj is None:
+            raise ValueError(f"llama_to_mar: {type(teacher).__name__} layers have no {name}; only Llama-shaped "
+                             "teachers (Llama, SmolLM, Mistral, Qwen2-style) are supported")
+    act = getattr(teacher.config, "hidden_act", "silu")
+    if act not in ("silu", "swish"):
+        raise ValueError(f"llama_to_mar: MLP activation {act!r} is not SwiGLU/silu")
+    return base, layers
+
+
+def mar_config_from_llama(cfg, **overrides) -> MARConfig:
+    heads = cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    inner = heads * head_dim
+    if inner % cfg.hidden_size:
+        raise ValueError(f"llama_to_mar: heads*head_dim={inner} is not a multiple of hidden_size={cfg.hidden_size}")
+    kwargs = dict(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_hidden_layers, rms_norm_eps=cfg.rms_norm_eps,
+        tie_word_embeddings=bool(getattr(cfg, "tie_word_embeddings", False)), hidden_act="silu",
+        d_state=head_dim, n_qk_heads=heads, n_v_heads=heads, expand=inner // cfg.hidden_size,
+        mixer_bias=bool(getattr(cfg, "attention_bias", False)), mlp_bias=bool(getattr(cfg, "mlp_bias", False)),
+        bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id, pad_token_id=cfg.pad_token_id,
+    )
+    kwargs.update(overrides)
+    return MARConfig(**kwargs)
+
+
+def _repeat_kv(w: torch.Tensor, kv_heads: int, heads: int) -> torch.Tensor:
+    """[kv*hd, ...] -> [heads*hd, ...], each KV head repeated for its query heads."""
+    return w.reshape(kv_heads, -1, *w.shape[1:]).repeat_interleave(heads // kv_heads, dim=0).reshape(-1, *w.shape[1:])
+
+
+@torch.no_grad()
+def llama_to_mar(teacher: nn.Module, **config_overrides) -> MARForCausalLM:
+    """A :class:`MARForCausalLM` (fp32) initialised from a Llama-family teacher; config fields
+    (e.g. ``neurons``, ``chunk_size``) can be overridden."""
+    base, layers = _layers(teacher)
+    cfg = teacher.config
+    mcfg = mar_config_from_llama(cfg, **config_overrides)
+    if mcfg.d_state != (getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads) or \
+            mcfg.n_qk_heads != cfg.num_attention_heads or mcfg.n_v_heads != cfg.num_attention_heads:
+        raise ValueError("llama_to_mar: d_state, n_qk_heads and n_v_heads must match the teacher's attention "
+                         "(head_dim and num_attention_heads) for the attention initialisation")
+    student = MARForCausalLM(mcfg).float()
+    heads, kv = cfg.num_attention_heads, cfg.num_key_value_heads
+    f32 = lambda t: t.detach().float()  # noqa: E731
+    student.model.embed_tokens.weight.copy_(f32(base.embed_tokens.weight))
+    student.model.norm.weight.copy_(f32(base.norm.weight))
+    if not mcfg.tie_word_embeddings:
+        student.lm_head.weight.copy_(f32(teacher.lm_head.weight))
+    for tl, sl in zip(layers, student.model.layers):
+        att, mix = tl.self_attn, sl.mixer
+        d_inner, gn = mix.d_inner, mix.n_qk_heads * mix.d_state
+        W = mix.in_proj.weight
+        W.zero_()
+        W[:d_inner] = _repeat_kv(f32(att.v_proj.weight), kv, heads)
+        W[d_inner:d_inner + gn] = _repeat_kv(f32(att.k_proj.weight), kv, heads)
+        W[d_inner + gn:d_inner + 2 * gn] = f32(att.q_proj.weight)
+        if mix.in_proj.bias is not None:
+            bias = mix.in_proj.bias
+            bias.zero_()
+            for rows, lin, rep in ((slice(0, d_inner), att.v_proj, True), (slice(d_inner, d_inner + gn), att.k_proj, True),
+                                   (slice(d_inner + gn, d_inner + 2 * gn), att.q_proj, False)):
+                if lin.bias is not None:
+                    bias[rows] = _repeat_kv(f32(lin.bias), kv, heads) if rep else f32(lin.bias)
+        mix.z_bias.fill_(Z_STAR)
+        mix.conv1d.weight.zero_()
+        mix.conv1d.weight[:, 0, -1] = 1.0
+        if mix.conv1d.bias is not None:
+            mix.conv1d.bias.zero_()
+        mix.D.zero_()
+        mix.out_proj.weight.copy_(f32(att.o_proj.weight))
+        if mix.out_proj.bias is not None:
+            mix.out_proj.bias.zero_()
+            if att.o_proj.bias is not None:
+                mix.out_proj.bias.copy_(f32(att.o_proj.bias))
+        sl.input_layernorm.weight.copy_(f32(tl.input_layernorm.weight))
+        sl.post_attention_layernorm.weight.copy_(f32(tl.post_attention_layernorm.weight))
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            getattr(sl.mlp, name).weight.copy_(f32(getattr(tl.mlp, name).weight))
+            b = getattr(tl.mlp, name).bias
+            if b is not None:
+                getattr(sl.mlp, name).bias.copy_(f32(b))
+    return student

@@ -1,0 +1,341 @@
+"""MARForCausalLM: the spiking SSM student as a Hugging Face model.
+
+Block (pre-norm, Llama-shaped):  h = h + mixer(norm1(h));  h = h + mlp(norm2(h)).
+Spike sites, one before each of the four big projections: ``mixer.in_site`` (before in_proj),
+``mixer.out_site`` (before out_proj), ``mlp.in_site`` (before gate_proj and up_proj, shared),
+``mlp.down_site`` (before down_proj).
+
+``output_hidden_states=True`` returns the *pre-norm residual stream*: entry i < L is the input of
+layer i (entry 0 the embeddings), entry L the residual after the last layer, before the final
+norm. These are the features SBDS aligns.
+
+Generation keeps a recurrent cache (:class:`MARCache`) whose size does not depend on context.
+"""
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.utils import ModelOutput
+
+from ..neurons import SpikeSite, create, swap_neurons
+from ..neurons.input_once import InputOnceMixin
+from ..ssm import DiscreteMamba2, MixerState
+from .configuration_mar import SITE_KINDS, MARConfig
+
+
+class MARRMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float = 1e-5):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, x):
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def _site(config: MARConfig, kind: str, qualname: str, channels: int) -> SpikeSite:
+    name, options = config.neuron_for(kind, qualname)
+    return SpikeSite(create(name, channels=channels, **options))
+
+
+class MARMLP(nn.Module):
+    """SwiGLU MLP with spike sites before gate/up (shared input) and before down."""
+
+    def __init__(self, config: MARConfig, layer_idx: int):
+        super().__init__()
+        d, f = config.hidden_size, config.intermediate_size
+        prefix = f"model.layers.{layer_idx}.mlp"
+        self.in_site = _site(config, "mlp.in", f"{prefix}.in_site", d)
+        self.gate_proj = nn.Linear(d, f, bias=config.mlp_bias)
+        self.up_proj = nn.Linear(d, f, bias=config.mlp_bias)
+        self.down_site = _site(config, "mlp.down", f"{prefix}.down_site", f)
+        self.down_proj = nn.Linear(f, d, bias=config.mlp_bias)
+        if config.hidden_act not in ("silu", "swish"):
+            raise ValueError(f"hidden_act {config.hidden_act!r} is not supported (SwiGLU with silu only)")
+
+    def forward(self, x):
+        xs = self.in_site(x)
+        return self.down_proj(self.down_site(F.silu(self.gate_proj(xs)) * self.up_proj(xs)))
+
+
+class MARBlock(nn.Module):
+    def __init__(self, config: MARConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        prefix = f"model.layers.{layer_idx}.mixer"
+        in_name, in_opts = config.neuron_for("mixer.in", f"{prefix}.in_site")
+        out_name, out_opts = config.neuron_for("mixer.out", f"{prefix}.out_site")
+        self.input_layernorm = MARRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mixer = DiscreteMamba2(
+            config.hidden_size, d_state=config.d_state, n_qk_heads=config.n_qk_heads,
+            n_v_heads=config.n_v_heads, d_conv=config.d_conv, expand=config.expand,
+            chunk_size=config.chunk_size, bias=config.mixer_bias, conv_bias=config.conv_bias,
+            dt_min=config.dt_min, dt_max=config.dt_max, neuron_in=in_name, neuron_out=out_name,
+            neuron_in_options=in_opts, neuron_out_options=out_opts, scan_backend=config.scan_backend)
+        self.post_attention_layernorm = MARRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MARMLP(config, layer_idx)
+
+    def forward(self, h, state: MixerState | None = None):
+        mixed, new_state = self.mixer(self.input_layernorm(h), state)
+        h = h + mixed
+        h = h + self.mlp(self.post_attention_layernorm(h))
+        return h, new_state
+
+
+class MARCache:
+    """Recurrent generation cache: one :class:`MixerState` per layer and the number of tokens seen.
+    Its size is independent of the context length."""
+
+    is_compileable = False
+
+    def __init__(self, num_layers: int):
+        self.states: list[MixerState | None] = [None] * num_layers
+        self.seen_tokens = 0
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.seen_tokens
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        for i, s in enumerate(self.states):
+            if s is not None:
+                self.states[i] = MixerState(s.conv.index_select(0, beam_idx.to(s.conv.device)),
+                                            s.ssm.index_select(0, beam_idx.to(s.ssm.device)))
+
+    def nbytes(self) -> int:
+        return sum(s.conv.numel() * s.conv.element_size() + s.ssm.numel() * s.ssm.element_size()
+                   for s in self.states if s is not None)
+
+
+@dataclass
+class MARCausalLMOutput(ModelOutput):
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    cache_params: MARCache | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+
+
+@dataclass
+class MARModelOutput(ModelOutput):
+    last_hidden_state: torch.FloatTensor | None = None
+    cache_params: MARCache | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+
+
+class MARPreTrainedModel(PreTrainedModel):
+    config_class = MARConfig
+    config: MARConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["MARBlock"]
+    _is_stateful = True
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, DiscreteMamba2):
+            dt = torch.exp(torch.rand(module.n_v_heads) * (torch.log(torch.tensor(module.dt_max))
+                                                            - torch.log(torch.tensor(module.dt_min)))
+                           + torch.log(torch.tensor(module.dt_min)))
+            init.copy_(module.dt_bias, dt + torch.log(-torch.expm1(-dt)))
+            init.ones_(module.D)
+            init.zeros_(module.z_bias)
+        elif isinstance(module, MARRMSNorm):
+            init.ones_(module.weight)
+        elif isinstance(module, InputOnceMixin) and getattr(module, "a", None) is not None:
+            init.constant_(module.a, getattr(module, "init_log_threshold", 0.0))
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        return False  # the recurrent MARCache is created by the model itself
+
+
+class MARModel(MARPreTrainedModel):
+    def __init__(self, config: MARConfig):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        self.layers = nn.ModuleList(MARBlock(config, i) for i in range(config.num_hidden_layers))
+        self.norm = MARRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.embed_tokens = value
+
+    def forward(self, input_ids=None, inputs_embeds=None, cache_params: MARCache | None = None,
+                use_cache: bool | None = None, output_hidden_states: bool | None = None,
+                return_dict: bool | None = None, **kwargs):
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        h = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        use_cache = use_cache if use_cache is not None else False
+        if use_cache and cache_params is None:
+            cache_params = MARCache(len(self.layers))
+        output_hidden_states = (output_hidden_states if output_hidden_states is not None
+                                else self.config.output_hidden_states)
+        hidden = [] if output_hidden_states else None
+        for i, layer in enumerate(self.layers):
+            if hidden is not None:
+                hidden.append(h)
+            state = cache_params.states[i] if cache_params is not None else None
+            if self.gradient_checkpointing and self.training and cache_params is None:
+                h, new_state = torch.utils.checkpoint.checkpoint(layer, h, None, use_reentrant=False)
+            else:
+                h, new_state = layer(h, state)
+            if cache_params is not None:
+                cache_params.states[i] = new_state
+        if hidden is not None:
+            hidden.append(h)
+        if cache_params is not None:
+            cache_params.seen_tokens += h.shape[1]
+        out = self.norm(h)
+        return MARModelOutput(last_hidden_state=out, cache_params=cache_params if use_cache else None,
+                              hidden_states=tuple(hidden) if hidden is not None else None)
+
+
+class MARForCausalLM(MARPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: MARConfig):
+        super().__init__(config)
+        self.model = MARModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, value):
+        self.lm_head = value
+
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, cache_params=None,
+                labels=None, use_cache=None, output_hidden_states=None, return_dict=None,
+                logits_to_keep: int | torch.Tensor = 0, **kwargs):
+        """Causal LM forward. ``attention_mask`` is accepted for API compatibility; right padding
+        does not affect earlier positions of a causal recurrent model, left padding is not
+        supported (pad on the right)."""
+        out = self.model(input_ids=input_ids, inputs_embeds=inputs_embeds, cache_params=cache_params,
+                         use_cache=use_cache, output_hidden_states=output_hidden_states)
+        h = out.last_hidden_state
+        sl = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(h[:, sl, :])
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return MARCausalLMOutput(loss=loss, logits=logits, cache_params=out.cache_params,
+                                 hidden_states=out.hidden_states)
+
+    def prepare_inputs_for_generation(self, input_ids, cache_params=None, use_cache=None, inputs_embeds=None,
+                                      attention_mask=None, **kwargs):
+        if use_cache is None:
+            use_cache = True
+        if cache_params is not None and cache_params.seen_tokens > 0:
+            inputs = {"input_ids": input_ids[:, cache_params.seen_tokens:]}
+        elif inputs_embeds is not None:
+            inputs = {"inputs_embeds": inputs_embeds}
+        else:
+            inputs = {"input_ids": input_ids}
+        inputs.update(cache_params=cache_params, use_cache=use_cache)
+        if "logits_to_keep" in kwargs:
+            inputs["logits_to_keep"] = kwargs["logits_to_keep"]
+        return inputs
+
+    # -- spike sites ----------------------------------------------------------------------
+    def spike_sites(self):
+        """Yield ``(layer_idx, kind, qualified_name, SpikeSite)`` for every site, in layer order."""
+        for i, layer in enumerate(self.model.layers):
+            yield i, "mixer.in", f"model.layers.{i}.mixer.in_site", layer.mixer.in_site
+            yield i, "mixer.out", f"model.layers.{i}.mixer.out_site", layer.mixer.out_site
+            yield i, "mlp.in", f"model.layers.{i}.mlp.in_site", layer.mlp.in_site
+            yield i, "mlp.down", f"model.layers.{i}.mlp.down_site", layer.mlp.down_site
+
+    def set_neurons(self, name: str, kinds=None, pattern: str | None = None, keep_threshold: bool = True,
+                    **options):
+        """Swap the neuron of the sites of the given kinds (default all four) and/or matching an
+        fnmatch pattern on the qualified name; keeps ``config`` in step. Returns the
+        :class:`~neuro_mar.neurons.SwapSummary`."""
+        kinds = tuple(SITE_KINDS if kinds is None else ([kinds] if isinstance(kinds, str) else kinds))
+        bad = set(kinds) - set(SITE_KINDS)
+        if bad:
+            raise ValueError(f"unknown site kind(s) {sorted(bad)}; kinds are {SITE_KINDS}")
+        selected = {q for _, k, q, _ in self.spike_sites()
+                    if k in kinds and (pattern is None or fnmatch.fnmatchcase(q, pattern))}
+        summary = None
+        for q in sorted(selected):
+            s = swap_neurons(self, name, pattern=q, keep_threshold=keep_threshold, **options)
+            summary = s if summary is None else type(s)(summary.rows + s.rows)
+        self.sync_neuron_config()
+        return summary
+
+    def sync_neuron_config(self) -> None:
+        """Write the neurons actually in the sites into ``config`` (kind-level where uniform)."""
+        per_kind: dict[str, list] = {k: [] for k in SITE_KINDS}
+        for _, kind, q, site in self.spike_sites():
+            n = site.neuron
+            per_kind[kind].append((q, n.registry_name or "dense", n.config()))
+        neurons, options, overrides = {}, {}, {}
+        for kind, rows in per_kind.items():
+            first = rows[0][1:] if rows else ("dense", {})
+            if all(r[1:] == first for r in rows):
+                neurons[kind], options[kind] = first
+            else:
+                neurons[kind], options[kind] = self.config.neurons[kind], self.config.neuron_options[kind]
+                for q, name, opts in rows:
+                    overrides[q] = {"name": name, "options": opts}
+        self.config.neurons, self.config.neuron_options, self.config.site_neurons = neurons, options, overrides
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        self.sync_neuron_config()
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
+    def reset_spike_counters(self) -> None:
+        for *_, site in self.spike_sites():
+            site.reset_counters()
+
+    @torch.no_grad()
+    def calibrate_thresholds(self, batches, percentile: float = 99.9, max_rows: int = 65536) -> dict:
+        """Set every spiking site's threshold from the dense activations it sees on ``batches``
+        (an iterable of input_ids tensors). The sites are bypassed (dense) while sampling, so the
+        statistics are those of the dense model. Returns ``{qualified_name: mean threshold}``."""
+        sites = [(q, s) for *_, q, s in self.spike_sites() if not s.is_dense]
+        samples: dict[str, list] = {q: [] for q, _ in sites}
+        saved = {}
+        hooks = []
+        for q, s in sites:
+            saved[q] = s.neuron
+            dense = create("dense", channels=s.neuron.channels)
+            s.neuron = dense
+            hooks.append(s.register_forward_pre_hook(
+                lambda mod, args, q=q: samples[q].append(args[0].detach().reshape(-1, args[0].shape[-1])[:max_rows])))
+        try:
+            for ids in batches:
+                self(input_ids=ids.to(self.device))
+        finally:
+            for h in hooks:
+                h.remove()
+            for q, s in sites:
+                s.neuron = saved[q]
+                s.reset_counters()
+        out = {}
+        for q, s in sites:
+            if not samples[q]:
+                raise ValueError("calibrate_thresholds: no calibration batches were given")
+            V = s.neuron.calibrate(torch.cat(samples[q])[:max_rows * 4], percentile=percentile, max_rows=max_rows)
+            out[q] = float(V.float().mean())
+        return out

@@ -1,0 +1,123 @@
+"""The Discrete Mamba-2 mixer (Llamba / phi-mamba semantics), with MAR's two mixer spike sites.
+
+    u [b, l, d_model] -> in_site -> in_proj -> [xBC | z | A_log]
+    xBC -> causal depthwise conv (kernel d_conv) -> SiLU -> x [b,l,h,p], B, C [b,l,g,n]
+    dt = softplus(A_log + dt_bias), A = -1:  S_t = exp(-dt_t) S_{t-1} + x_t B_t^T,  y_t = S_t C_t + D x_t
+    out = out_proj(out_site(y * silu(z + z_bias)))
+
+h = n_v_heads, g = n_qk_heads, n = d_state, p = d_inner / h. ``dt_bias`` (per head, [ours]) is
+phi-mamba's A_log with a learnable offset, so a mixer initialised from attention starts with a
+long memory rather than dt = softplus(0).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..neurons import SpikeSite, create
+from .backends import ssd_scan
+from .scan import ssd_naive
+
+
+@dataclass
+class MixerState:
+    """Recurrent state of one mixer: conv window [b, conv_dim, d_conv-1], SSM state [b, h, p, n]."""
+
+    conv: torch.Tensor
+    ssm: torch.Tensor
+
+
+def inverse_softplus(y: torch.Tensor) -> torch.Tensor:
+    return y + torch.log(-torch.expm1(-y))
+
+
+class DiscreteMamba2(nn.Module):
+    def __init__(self, d_model: int, d_state: int = 64, n_qk_heads: int = 32, n_v_heads: int = 32,
+                 d_conv: int = 4, expand: int = 1, chunk_size: int = 64, bias: bool = False,
+                 conv_bias: bool = True, dt_min: float = 1e-3, dt_max: float = 0.1,
+                 neuron_in: str = "dense", neuron_out: str = "dense", neuron_in_options: dict | None = None,
+                 neuron_out_options: dict | None = None, scan_backend: str | None = None):
+        super().__init__()
+        self.d_model, self.d_state, self.d_conv = d_model, d_state, d_conv
+        self.d_inner = expand * d_model
+        self.n_qk_heads, self.n_v_heads = n_qk_heads, n_v_heads
+        if self.d_inner % n_v_heads or n_v_heads % n_qk_heads:
+            raise ValueError(f"d_inner={self.d_inner} must be a multiple of n_v_heads={n_v_heads}, "
+                             f"and n_v_heads a multiple of n_qk_heads={n_qk_heads}")
+        self.headdim = self.d_inner // n_v_heads
+        self.conv_dim = self.d_inner + 2 * n_qk_heads * d_state
+        self.chunk_size = chunk_size
+        self.scan_backend = scan_backend
+        self.dt_min, self.dt_max = dt_min, dt_max
+
+        self.in_site = SpikeSite(create(neuron_in, channels=d_model, **(neuron_in_options or {})))
+        self.in_proj = nn.Linear(d_model, self.conv_dim + self.d_inner + n_v_heads, bias=bias)
+        self.z_bias = nn.Parameter(torch.zeros(self.d_inner))
+        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, d_conv, groups=self.conv_dim,
+                                padding=0, bias=conv_bias)
+        self.dt_bias = nn.Parameter(torch.zeros(n_v_heads))
+        self.D = nn.Parameter(torch.ones(n_v_heads))
+        self.out_site = SpikeSite(create(neuron_out, channels=self.d_inner, **(neuron_out_options or {})))
+        self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias)
+        self.reset_ssm_parameters()
+
+    @torch.no_grad()
+    def reset_ssm_parameters(self) -> None:
+        """Mamba-2 style: dt = softplus(dt_bias) log-uniform in [dt_min, dt_max]; D = 1; z_bias = 0."""
+        dt = torch.exp(torch.rand(self.n_v_heads) * (math.log(self.dt_max) - math.log(self.dt_min))
+                       + math.log(self.dt_min))
+        self.dt_bias.copy_(inverse_softplus(dt))
+        self.D.fill_(1.0)
+        self.z_bias.zero_()
+
+    # -- pieces ---------------------------------------------------------------------------
+    def _conv(self, xBC: torch.Tensor, state: MixerState | None):
+        """Causal depthwise conv over [b, l, conv_dim]; returns (out, new conv window)."""
+        xt = xBC.transpose(1, 2)  # [b, conv_dim, l]
+        k = self.d_conv - 1
+        prev = state.conv.to(xt.dtype) if state is not None else xt.new_zeros(xt.shape[0], self.conv_dim, k)
+        full = torch.cat([prev, xt], dim=-1)
+        out = F.conv1d(full, self.conv1d.weight, self.conv1d.bias, groups=self.conv_dim)
+        return F.silu(out).transpose(1, 2), full[..., full.shape[-1] - k:]
+
+    def forward(self, u: torch.Tensor, state: MixerState | None = None, backend: str | None = None):
+        """``u [b, l, d_model] -> (out [b, l, d_model], new_state)``.
+
+        With ``state`` the call continues from it (prefill after a prefix, or one decode step);
+        the returned state is the one after the last token (always returned, detached from
+        nothing: it carries gradients if inputs do).
+        """
+        b, l, _ = u.shape
+        proj = self.in_proj(self.in_site(u))
+        xBC, z, A_log = torch.split(proj, [self.conv_dim, self.d_inner, self.n_v_heads], dim=-1)
+        xBC, conv_state = self._conv(xBC, state)
+        x, B, C = torch.split(xBC, [self.d_inner, self.n_qk_heads * self.d_state, self.n_qk_heads * self.d_state], dim=-1)
+        x = x.reshape(b, l, self.n_v_heads, self.headdim)
+        B = B.reshape(b, l, self.n_qk_heads, self.d_state)
+        C = C.reshape(b, l, self.n_qk_heads, self.d_state)
+        acc = torch.float64 if A_log.dtype == torch.float64 else torch.float32
+        dt = F.softplus(A_log.to(acc) + self.dt_bias.to(acc))
+        init = state.ssm if state is not None else None
+        if l == 1 and init is not None:
+            y, ssm_state = ssd_naive(x, -dt, B, C, init)  # one decode step: the recurrence itself
+        else:
+            y, ssm_state = ssd_scan(x, -dt, B, C, init, self.chunk_size, backend or self.scan_backend)
+        y = y + self.D.to(y.dtype)[:, None] * x
+        y = y.reshape(b, l, self.d_inner)
+        out = self.out_proj(self.out_site(y * F.silu(z + self.z_bias.to(z.dtype))))
+        return out, MixerState(conv_state, ssm_state)
+
+    def step(self, u: torch.Tensor, state: MixerState):
+        """One token: ``u [b, d_model] -> (out [b, d_model], new_state)``; constant-size state."""
+        out, new_state = self.forward(u.unsqueeze(1), state)
+        return out.squeeze(1), new_state
+
+    def empty_state(self, batch: int, device=None, dtype=torch.float32) -> MixerState:
+        """Zero state; the SSM state is kept in fp32 (fp64 for fp64 models)."""
+        sdtype = torch.float64 if dtype == torch.float64 else torch.float32
+        return MixerState(torch.zeros(batch, self.conv_dim, self.d_conv - 1, device=device, dtype=dtype),
+                          torch.zeros(batch, self.n_v_heads, self.headdim, self.d_state, device=device, dtype=sdtype))

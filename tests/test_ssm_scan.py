@@ -1,0 +1,83 @@
+"""SSD scan: naive recurrence == chunked scan (outputs, final state, every gradient)."""
+import pytest
+import torch
+
+from neuro_mar.ssm import DiscreteMamba2, MixerState, ssd_chunked, ssd_naive, ssd_scan
+
+
+def _inputs(b, l, h, p, g, n, dtype=torch.float64, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, l, h, p, generator=gen, dtype=dtype)
+    a = -torch.nn.functional.softplus(torch.randn(b, l, h, generator=gen, dtype=dtype))
+    B = torch.randn(b, l, g, n, generator=gen, dtype=dtype) / n**0.5
+    C = torch.randn(b, l, g, n, generator=gen, dtype=dtype) / n**0.5
+    S0 = torch.randn(b, h, p, n, generator=gen, dtype=dtype)
+    return x, a, B, C, S0
+
+
+@pytest.mark.parametrize("l", [1, 63, 257])
+@pytest.mark.parametrize("chunk", [1, 16, 64, 100])
+@pytest.mark.parametrize("with_state", [False, True])
+def test_chunked_equals_naive_outputs_and_gradients(l, chunk, with_state):
+    x, a, B, C, S0 = _inputs(2, l, 6, 5, 3, 7)
+    ins = [t.clone().requires_grad_() for t in (x, a, B, C, S0)]
+    ins2 = [t.clone().requires_grad_() for t in (x, a, B, C, S0)]
+    y1, s1 = ssd_naive(*ins[:4], ins[4] if with_state else None)
+    y2, s2 = ssd_chunked(*ins2[:4], ins2[4] if with_state else None, chunk_size=chunk)
+    torch.testing.assert_close(y1, y2, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(s1, s2, rtol=1e-9, atol=1e-9)
+    gy, gs = torch.randn_like(y1), torch.randn_like(s1)
+    ((y1 * gy).sum() + (s1 * gs).sum()).backward()
+    ((y2 * gy).sum() + (s2 * gs).sum()).backward()
+    names = ["x", "log_decay", "B", "C", "S0"]
+    for name, t1, t2 in zip(names, ins, ins2):
+        if name == "S0" and not with_state:
+            continue
+        torch.testing.assert_close(t1.grad, t2.grad, rtol=1e-8, atol=1e-8, msg=f"grad of {name}")
+
+
+def test_split_sequence_continues_from_state():
+    x, a, B, C, _ = _inputs(1, 90, 4, 3, 2, 5)
+    y, s = ssd_chunked(x, a, B, C, chunk_size=32)
+    y1, s1 = ssd_chunked(x[:, :50], a[:, :50], B[:, :50], C[:, :50], chunk_size=32)
+    y2, s2 = ssd_chunked(x[:, 50:], a[:, 50:], B[:, 50:], C[:, 50:], s1, chunk_size=32)
+    torch.testing.assert_close(torch.cat([y1, y2], 1), y)
+    torch.testing.assert_close(s2, s)
+
+
+def test_half_precision_inputs_computed_in_fp32():
+    x, a, B, C, _ = _inputs(1, 40, 4, 8, 4, 8, dtype=torch.float32)
+    y_ref, _ = ssd_naive(x, a, B, C)
+    y, s = ssd_chunked(x.bfloat16(), a, B.bfloat16(), C.bfloat16(), chunk_size=16)
+    assert y.dtype == torch.bfloat16 and s.dtype == torch.float32
+    torch.testing.assert_close(y.float(), y_ref, rtol=5e-2, atol=5e-2)
+
+
+def test_bad_shapes_and_backend():
+    x, a, B, C, _ = _inputs(1, 4, 4, 2, 3, 2)
+    with pytest.raises(ValueError, match="multiple of groups"):
+        ssd_chunked(x, a, B, C)
+    x, a, B, C, _ = _inputs(1, 4, 4, 2, 2, 2)
+    with pytest.raises(ValueError, match="backend"):
+        ssd_scan(x, a, B, C, backend="nope")
+    with pytest.raises(RuntimeError, match="CUDA|mamba"):
+        ssd_scan(x, a, B, C, backend="mamba_ssm")
+
+
+def test_mixer_step_equals_full_forward_and_state_constant_size():
+    torch.manual_seed(0)
+    m = DiscreteMamba2(d_model=16, d_state=4, n_qk_heads=2, n_v_heads=4, chunk_size=8).double()
+    u = torch.randn(2, 13, 16, dtype=torch.float64)
+    full, final = m(u)
+    st = m.empty_state(2, dtype=torch.float64)
+    outs = []
+    for t in range(13):
+        o, st = m.step(u[:, t], st)
+        outs.append(o)
+        assert st.ssm.shape == (2, 4, 4, 4) and st.conv.shape == (2, m.conv_dim, 3)
+    torch.testing.assert_close(torch.stack(outs, 1), full)
+    torch.testing.assert_close(st.ssm, final.ssm)
+    # prefill 7 tokens, then continue with the remaining 6 in one call
+    o1, s1 = m(u[:, :7])
+    o2, _ = m(u[:, 7:], s1)
+    torch.testing.assert_close(torch.cat([o1, o2], 1), full)
