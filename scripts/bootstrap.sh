@@ -31,6 +31,8 @@ fi
 installed_torch=$("$VENV/bin/python" -W ignore -c 'import torch; print(torch.__version__.split("+")[0])' 2>/dev/null)
 constraints="$VENV/neuro-mar-constraints.txt"
 echo "torch==$installed_torch" > "$constraints"
+installed_triton=$("$VENV/bin/python" -c 'import importlib.metadata as m; print(m.version("triton"))' 2>/dev/null || true)
+[ -n "$installed_triton" ] && echo "triton==$installed_triton" >> "$constraints"
 echo "[bootstrap] torch $installed_torch; installing neuro-mar and its dependencies"
 "${PIP[@]}" install -c "$constraints" -e ".[test]" 2>&1 | grep -v "is ignored: it is neither" || true
 "${PIP[@]}" install --no-deps -r requirements-nodeps.txt 2>&1 | grep -v "is ignored: it is neither" || true

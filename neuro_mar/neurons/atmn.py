@@ -21,6 +21,7 @@ import math
 import torch
 from spikingjelly.activation_based import neuron as sj_neuron
 
+from ..kernels import atmn_ops, atmn_ref
 from .input_once import InputOnceMixin, check_T, make_log_threshold
 from .surrogates import resolve_surrogate, surrogate_name
 
@@ -76,33 +77,26 @@ class ATMN(InputOnceMixin, sj_neuron.BaseNode):
         self.a = make_log_threshold(channels, init_threshold)
         self.init_log_threshold = math.log(init_threshold)
 
-    # -- the neuron's equations, shared by every path ----------------------------------
-    def _charge(self, x: torch.Tensor | None, u: torch.Tensor | None) -> torch.Tensor:
-        if u is None:
-            return x
-        return u / self.tau if x is None else x + u / self.tau
-
-    def _fire(self, h: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
-        m = h / V
-        s = self.surrogate_function(m - 1.0)
-        if self.ternary:
-            s = s - self.surrogate_function(-m - 1.0)
-        return s
-
-    def _reset(self, h: torch.Tensor, s: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
-        return h - (s.detach() if self.detach_reset else s) * V
-
     # -- SpikingJelly functional transition (step modes 's' and 'm') -------------------
     def single_step_functional_forward(self, inputs, states):
         x, v = inputs[0], states[0]
         V = self.threshold.to(x.dtype)
-        h = self._charge(x, v)
-        s = self._fire(h, V)
-        return (s,), (self._reset(h, s, V), *states[1:])
+        h = atmn_ref.charge(x, v, self.tau)
+        s = atmn_ref.fire(h, V, self.surrogate_function, self.ternary)
+        return (s,), (atmn_ref.reset(h, s, V, self.detach_reset), *states[1:])
+
+    def multi_step_functional_forward(self, inputs, states):
+        """Fused Triton kernel on CUDA (see ``neuro_mar.kernels``), else SpikingJelly's loop."""
+        x_seq = inputs[0]
+        if len(inputs) == 1 and atmn_ops.use_kernel(x_seq, self.surrogate_function) and x_seq.dim() >= 2:
+            spikes, v_last = atmn_ops.atmn_multistep(x_seq, self.a, self.tau, self.surrogate_function,
+                                                      self.ternary, self.detach_reset, v0=states[0].float())
+            return (spikes,), (v_last.to(x_seq.dtype), *states[1:])
+        return super().multi_step_functional_forward(inputs, states)
 
     # -- MAR's input-once form ----------------------------------------------------------
     def step_weights(self) -> torch.Tensor:
-        return torch.tensor([self.tau**t for t in range(self.T)], dtype=torch.float64)
+        return atmn_ref.step_weights(self.T, self.tau)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Fire ``x [*, channels]`` out over T micro-steps: spikes ``[T, *x.shape]`` in x.dtype.
@@ -110,27 +104,22 @@ class ATMN(InputOnceMixin, sj_neuron.BaseNode):
         Equal (outputs and gradients) to multi-step mode fed ``[x, 0, ..., 0]`` from a reset
         state, without building the zeros. Computed in fp32 for half-precision inputs.
         """
-        xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-        V = self.threshold.to(xf.dtype)
-        u = None
-        out = []
-        for t in range(self.T):
-            h = self._charge(xf if t == 0 else None, u)
-            s = self._fire(h, V)
-            u = self._reset(h, s, V)
-            out.append(s)
-        return torch.stack(out).to(x.dtype)
+        return atmn_ref.encode_once(x, self.threshold, self.T, self.tau, self.surrogate_function,
+                                    self.ternary, self.detach_reset)
+
+    def site_forward(self, x: torch.Tensor, want_spikes: bool = False, count: bool = False):
+        """``(x_hat, spikes or None, (positive, negative) counts or None)`` in one pass: the fused
+        Triton kernel on CUDA, encode + decode on the PyTorch path."""
+        if atmn_ops.use_kernel(x, self.surrogate_function):
+            return atmn_ops.atmn_once(x, self.a, self.T, self.tau, self.surrogate_function, self.ternary,
+                                      self.detach_reset, write_spikes=want_spikes, count=count)
+        return super().site_forward(x, want_spikes, count)
 
     def residual(self, x: torch.Tensor) -> torch.Tensor:
         """The final potential of the input-once run in units of V, ``u_{T-1} / V``, so that
         ``x = V * (sum_t tau^t s_t + tau^(T-1) * residual(x))`` (no gradient)."""
-        with torch.no_grad():
-            V = self.threshold.to(x.dtype)
-            u = None
-            for t in range(self.T):
-                h = self._charge(x if t == 0 else None, u)
-                u = self._reset(h, self._fire(h, V), V)
-        return u / V
+        V = self.threshold.detach()
+        return atmn_ref.residual_once(x, V, self.T, self.tau, self.surrogate_function, self.ternary) / V.to(x.dtype)
 
     def config(self) -> dict:
         """Registry options (for saving and swapping); ternary/binary is the registry name."""

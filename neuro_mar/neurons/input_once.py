@@ -63,6 +63,18 @@ class InputOnceMixin:
         acc = (spikes.to(acc_dtype) * w).sum(0)
         return (acc * self.threshold.to(acc_dtype)).to(spikes.dtype)
 
+    def site_forward(self, x: torch.Tensor, want_spikes: bool = False, count: bool = False):
+        """What a :class:`SpikeSite` needs in one call: ``(x_hat in x.dtype, spikes or None,
+        int64 tensor [positive, negative] or None)``. Neurons with a fused kernel override it."""
+        spikes = self.encode(x)
+        x_hat = self.decode(spikes).to(x.dtype)
+        counts = None
+        if count:
+            with torch.no_grad():
+                s = spikes.detach()
+                counts = torch.stack([(s > 0).sum(), (s < 0).sum()])
+        return x_hat, (spikes.detach() if want_spikes else None), counts
+
     def quantize(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Encode then decode: returns ``(x_hat, spikes)`` with ``x_hat`` in ``x.dtype``."""
         spikes = self.encode(x)

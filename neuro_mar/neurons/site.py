@@ -40,7 +40,7 @@ class SpikeSite(nn.Module):
         self.counting = counting
         self._recorders: dict[int, Recorder] = {}
         self._next_key = 0
-        self.register_buffer("_counts", torch.zeros(3, dtype=torch.long), persistent=False)
+        self._counts: torch.Tensor | None = None  # [positive, negative, elements], on x's device
         self.calls = 0
 
     @property
@@ -51,26 +51,28 @@ class SpikeSite(nn.Module):
     def T(self) -> int:
         return self.neuron.T
 
+    def _counters(self, device) -> torch.Tensor:
+        if self._counts is None or self._counts.device != device:
+            self._counts = torch.zeros(3, dtype=torch.long, device=device)
+        return self._counts
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.is_dense:
             if self.counting:
-                self._counts[2] += x.numel()
+                self._counters(x.device)[2] += x.numel()
                 self.calls += 1
             return x
-        spikes = self.neuron.encode(x)
-        x_hat = self.neuron.decode(spikes).to(x.dtype)
-        if self.counting or self._recorders:
-            with torch.no_grad():
-                s = spikes.detach()
-                if self.counting:
-                    self._counts[0] += (s > 0).sum()
-                    self._counts[1] += (s < 0).sum()
-                    self._counts[2] += x.numel()
-                    self.calls += 1
-                if self._recorders:
-                    s8 = s.to(torch.int8)
-                    for fn in list(self._recorders.values()):
-                        fn(self, s8)
+        want = bool(self._recorders)
+        x_hat, spikes, counts = self.neuron.site_forward(x, want_spikes=want, count=self.counting)
+        if self.counting:
+            c = self._counters(x.device)
+            c[:2] += counts
+            c[2] += x.numel()
+            self.calls += 1
+        if want:
+            s8 = spikes.to(torch.int8)
+            for fn in list(self._recorders.values()):
+                fn(self, s8)
         return x_hat
 
     # -- recording ----------------------------------------------------------------------
@@ -84,12 +86,12 @@ class SpikeSite(nn.Module):
 
     # -- counters -------------------------------------------------------------------------
     def reset_counters(self) -> None:
-        self._counts.zero_()
+        self._counts = None
         self.calls = 0
 
     def stats(self) -> dict:
         """Counters as Python numbers: positive, negative, elements, T, calls, firing_rate."""
-        pos, neg, el = (int(v) for v in self._counts.tolist())
+        pos, neg, el = (int(v) for v in self._counts.tolist()) if self._counts is not None else (0, 0, 0)
         T = self.T
         return {
             "positive": pos,

@@ -1,0 +1,313 @@
+"""Triton kernels for ATMN, with the PyTorch reference in ``atmn_ref.py`` beside them.
+
+Two forms, each a forward/backward kernel pair, registered as ``torch.library`` custom ops (with
+fake implementations, so models trace under ``torch.compile``):
+
+* **input-once** (MAR's use, ``neuro_mar::atmn_once_fwd`` / ``_bwd``): reads x once and writes the
+  decoded ``x_hat = V * sum_t tau^t s_t`` in x's dtype; optionally the int8 spikes ``[T, *x.shape]``
+  and the +/- spike counts (for the cost model, no second pass). The backward recomputes the T
+  micro-steps from x and needs no other saved tensor: the reverse-mode recursion over the steps is
+  linear in the adjoints, so dx and dV are accumulated in *forward* step order
+  (``dx = G * sum_t w_t g_t P_t``, ``P_{t+1} = k (1 - c g_t) P_t``; see ``_once_bwd_kernel``).
+* **multi-step** (``neuro_mar::atmn_multi_fwd`` / ``_bwd``): ``x_seq [T, ..., C]`` charging at every
+  step as SpikingJelly neurons do, spikes in x's dtype, the pre-fire potentials saved in fp32 for a
+  backward that walks the steps in reverse.
+
+State and accumulation are fp32 for fp32/bf16/fp16 inputs; divisions are IEEE-rounded
+(``div_rn``) and V = exp(a) comes from PyTorch, so spikes equal the reference bit for bit. The
+surrogate reaches the kernel as a compile-time id; T is a compile-time constant, unrolled up to 16
+and looped beyond. Tiles are [rows, channels]; the per-channel threshold gradient is reduced per
+tile and summed on the host (deterministic, no atomics).
+
+Importing this module imports triton; :mod:`neuro_mar.kernels` only does so on first GPU use.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+from .atmn_constants import SURROGATE_IDS  # noqa: F401  (ids of _sg_grad)
+MAX_UNROLLED_T = 16
+
+
+@triton.jit
+def _sg_grad(z, SG: tl.constexpr, alpha):
+    """Derivative of SpikingJelly's surrogate primitive at z."""
+    if SG == 0:  # Sigmoid
+        sg = 1.0 / (1.0 + tl.exp(-alpha * z))
+        g = alpha * sg * (1.0 - sg)
+    elif SG == 1:  # ATan
+        ax = 1.5707963267948966 * alpha * z
+        g = (0.5 * alpha) / (1.0 + ax * ax)
+    elif SG == 2:  # Rect (straight-through)
+        g = tl.where(tl.abs(z) < 0.5 / alpha, alpha, 0.0)
+    elif SG == 3:  # PiecewiseQuadratic
+        az = tl.abs(z)
+        g = tl.where(az > 1.0 / alpha, 0.0, alpha - alpha * alpha * az)
+    else:  # Erf
+        az = alpha * z
+        g = (alpha * 0.5641895835477563) * tl.exp(-az * az)
+    return g
+
+
+@triton.jit
+def _fire(h, V, TERNARY: tl.constexpr):
+    m = tl.math.div_rn(h, V)
+    s = tl.where(m >= 1.0, 1.0, 0.0)
+    if TERNARY:
+        s = s - tl.where(m <= -1.0, 1.0, 0.0)
+    return m, s
+
+
+@triton.jit
+def _tile(R, C, BR: tl.constexpr, BC: tl.constexpr):
+    rows = tl.program_id(0) * BR + tl.arange(0, BR)
+    cols = tl.program_id(1) * BC + tl.arange(0, BC)
+    mask = (rows[:, None] < R) & (cols[None, :] < C)
+    offs = rows[:, None].to(tl.int64) * C + cols[None, :]
+    return cols, mask, offs
+
+
+# ---------------------------------------------------------------------------------------------
+# input-once
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _once_step(h, V, w, acc, tau, TERNARY: tl.constexpr):
+    m, s = _fire(h, V, TERNARY)
+    acc += w * s
+    h = tl.math.div_rn(h - s * V, tau)
+    return h, s, w * tau, acc
+
+
+@triton.jit
+def _once_fwd_kernel(X, Vp, XHAT, SPK, CNT, R, C, tau,
+                     T: tl.constexpr, TERNARY: tl.constexpr, WRITE_SPIKES: tl.constexpr,
+                     COUNT: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
+    cols, mask, offs = _tile(R, C, BR, BC)
+    x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+    V = tl.load(Vp + cols, mask=cols < C, other=1.0)[None, :]
+    h = x
+    w = tau * 0.0 + 1.0  # an fp32 scalar, so the looped variant carries a fixed type
+    acc = tl.zeros([BR, BC], dtype=tl.float32)
+    npos = tl.zeros([BR, BC], dtype=tl.int32)
+    nneg = tl.zeros([BR, BC], dtype=tl.int32)
+    numel = R.to(tl.int64) * C
+    if T <= 16:
+        for t in tl.static_range(T):
+            h, s, w, acc = _once_step(h, V, w, acc, tau, TERNARY)
+            if WRITE_SPIKES:
+                tl.store(SPK + t * numel + offs, s.to(tl.int8), mask=mask)
+            if COUNT:
+                npos += (s > 0).to(tl.int32)
+                nneg += (s < 0).to(tl.int32)
+    else:
+        for t in range(T):
+            h, s, w, acc = _once_step(h, V, w, acc, tau, TERNARY)
+            if WRITE_SPIKES:
+                tl.store(SPK + t * numel + offs, s.to(tl.int8), mask=mask)
+            if COUNT:
+                npos += (s > 0).to(tl.int32)
+                nneg += (s < 0).to(tl.int32)
+    tl.store(XHAT + offs, (acc * V).to(XHAT.dtype.element_ty), mask=mask)
+    if COUNT:
+        pid = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
+        tl.store(CNT + 2 * pid, tl.sum(tl.sum(tl.where(mask, npos, 0), axis=1), axis=0))
+        tl.store(CNT + 2 * pid + 1, tl.sum(tl.sum(tl.where(mask, nneg, 0), axis=1), axis=0))
+
+
+@triton.jit
+def _once_bwd_step(h, V, w, P, Q, ax, bv, tau, alpha,
+                   SG: tl.constexpr, TERNARY: tl.constexpr, DETACH: tl.constexpr):
+    m, s = _fire(h, V, TERNARY)
+    gz = _sg_grad(m - 1.0, SG, alpha)
+    if TERNARY:
+        gz += _sg_grad(-m - 1.0, SG, alpha)
+    k = 1.0 / tau
+    ax += w * gz * P
+    bv += w * (s - m * gz) + w * gz * Q
+    if DETACH:
+        a_t = k
+        gamma = -s
+    else:
+        a_t = k * (1.0 - gz)
+        gamma = m * gz - s
+    Q = a_t * Q + k * gamma
+    P = a_t * P
+    h = tl.math.div_rn(h - s * V, tau)
+    return h, w * tau, P, Q, ax, bv
+
+
+@triton.jit
+def _once_bwd_kernel(X, Vp, G, DX, DVP, R, C, tau, alpha,
+                     T: tl.constexpr, SG: tl.constexpr, TERNARY: tl.constexpr, DETACH: tl.constexpr,
+                     BR: tl.constexpr, BC: tl.constexpr):
+    """Reverse mode of the T steps, in forward order. With k = 1/tau, g_t the surrogate slope
+    d s_t / d m_t and c = 0 if the reset is detached else 1, the adjoint of h obeys
+    hh_t = a_t hh_{t+1} + G w_t g_t with a_t = k (1 - c g_t), so
+        dx = G * sum_t w_t g_t P_t,               P_0 = 1, P_{t+1} = a_t P_t
+        dV = G * sum_t w_t (s_t - m_t g_t + g_t Q_t),   Q_0 = 0, Q_{t+1} = a_t Q_t + k (c m_t g_t - s_t).
+    """
+    cols, mask, offs = _tile(R, C, BR, BC)
+    x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+    g_up = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
+    V = tl.load(Vp + cols, mask=cols < C, other=1.0)[None, :]
+    h = x
+    w = tau * 0.0 + 1.0
+    P = tl.full([BR, BC], 1.0, dtype=tl.float32)
+    Q = tl.zeros([BR, BC], dtype=tl.float32)
+    ax = tl.zeros([BR, BC], dtype=tl.float32)
+    bv = tl.zeros([BR, BC], dtype=tl.float32)
+    if T <= 16:
+        for t in tl.static_range(T):
+            h, w, P, Q, ax, bv = _once_bwd_step(h, V, w, P, Q, ax, bv, tau, alpha, SG, TERNARY, DETACH)
+    else:
+        for t in range(T):
+            h, w, P, Q, ax, bv = _once_bwd_step(h, V, w, P, Q, ax, bv, tau, alpha, SG, TERNARY, DETACH)
+    tl.store(DX + offs, (g_up * ax).to(DX.dtype.element_ty), mask=mask)
+    dv = tl.sum(tl.where(mask, g_up * bv, 0.0), axis=0)
+    tl.store(DVP + tl.program_id(0).to(tl.int64) * C + cols, dv, mask=cols < C)
+
+
+# ---------------------------------------------------------------------------------------------
+# multi-step
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _multi_fwd_kernel(X, V0, Vp, SPK, H, VLAST, R, C, tau,
+                      T: tl.constexpr, TERNARY: tl.constexpr, HAS_V0: tl.constexpr,
+                      BR: tl.constexpr, BC: tl.constexpr):
+    cols, mask, offs = _tile(R, C, BR, BC)
+    V = tl.load(Vp + cols, mask=cols < C, other=1.0)[None, :]
+    numel = R.to(tl.int64) * C
+    if HAS_V0:
+        u = tl.load(V0 + offs, mask=mask, other=0.0).to(tl.float32)
+    else:
+        u = tl.zeros([BR, BC], dtype=tl.float32)
+    for t in range(T):
+        x = tl.load(X + t * numel + offs, mask=mask, other=0.0).to(tl.float32)
+        h = x + tl.math.div_rn(u, tau)
+        m, s = _fire(h, V, TERNARY)
+        tl.store(H + t * numel + offs, h, mask=mask)
+        tl.store(SPK + t * numel + offs, s.to(SPK.dtype.element_ty), mask=mask)
+        u = h - s * V
+    tl.store(VLAST + offs, u, mask=mask)
+
+
+@triton.jit
+def _multi_bwd_kernel(GS, GV, H, Vp, DX, DV0, DVP, R, C, tau, alpha,
+                      T: tl.constexpr, SG: tl.constexpr, TERNARY: tl.constexpr, DETACH: tl.constexpr,
+                      HAS_GV: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
+    cols, mask, offs = _tile(R, C, BR, BC)
+    V = tl.load(Vp + cols, mask=cols < C, other=1.0)[None, :]
+    numel = R.to(tl.int64) * C
+    if HAS_GV:
+        uh = tl.load(GV + offs, mask=mask, other=0.0).to(tl.float32)
+    else:
+        uh = tl.zeros([BR, BC], dtype=tl.float32)
+    dv = tl.zeros([BR, BC], dtype=tl.float32)
+    for i in range(T):
+        t = T - 1 - i
+        h = tl.load(H + t * numel + offs, mask=mask, other=0.0)
+        g_up = tl.load(GS + t * numel + offs, mask=mask, other=0.0).to(tl.float32)
+        m, s = _fire(h, V, TERNARY)
+        gz = _sg_grad(m - 1.0, SG, alpha)
+        if TERNARY:
+            gz += _sg_grad(-m - 1.0, SG, alpha)
+        if DETACH:
+            sh = g_up
+        else:
+            sh = g_up - V * uh
+        mh = sh * gz
+        hh = uh + mh / V
+        tl.store(DX + t * numel + offs, hh.to(DX.dtype.element_ty), mask=mask)
+        dv += -s * uh - m * mh / V
+        uh = hh / tau
+    tl.store(DV0 + offs, uh, mask=mask)
+    tl.store(DVP + tl.program_id(0).to(tl.int64) * C + cols, tl.sum(tl.where(mask, dv, 0.0), axis=0), mask=cols < C)
+
+
+# ---------------------------------------------------------------------------------------------
+# launchers
+# ---------------------------------------------------------------------------------------------
+def _blocks(C: int) -> tuple[int, int]:
+    BC = min(128, triton.next_power_of_2(max(C, 1)))
+    return max(1, 2048 // BC), BC
+
+
+def _as_2d(x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    x = x.contiguous()
+    C = x.shape[-1] if x.dim() else 1
+    return x, x.numel() // max(C, 1), C
+
+
+def once_fwd(x, V, T, tau, ternary=True, write_spikes=False, count=False):
+    """``(x_hat, spikes int8 [T, *x.shape] or empty, counts int64 [2] (+, -) or empty)``."""
+    x, R, C = _as_2d(x)
+    V = V.float().expand(C).contiguous()
+    x_hat = torch.empty_like(x)
+    spikes = torch.empty((T, *x.shape) if write_spikes else (0,), device=x.device, dtype=torch.int8)
+    BR, BC = _blocks(C)
+    grid = (triton.cdiv(R, BR), triton.cdiv(C, BC))
+    cnt = torch.empty((grid[0] * grid[1], 2) if count else (0,), device=x.device, dtype=torch.int32)
+    if x.numel():
+        _once_fwd_kernel[grid](x, V, x_hat, spikes, cnt, R, C, float(tau), T=T, TERNARY=ternary,
+                               WRITE_SPIKES=write_spikes, COUNT=count, BR=BR, BC=BC)
+    counts = cnt.sum(0, dtype=torch.int64) if count else cnt.new_empty(0, dtype=torch.int64)
+    if count and not x.numel():
+        counts = torch.zeros(2, dtype=torch.int64, device=x.device)
+    return x_hat, spikes, counts
+
+
+def once_bwd(grad, x, V, T, tau, sg_id, alpha, ternary=True, detach_reset=False):
+    """``(dx [x.shape] in x.dtype, dV [C] fp32)``."""
+    x, R, C = _as_2d(x)
+    grad = grad.contiguous()
+    Vc = V.float().expand(C).contiguous()
+    dx = torch.empty_like(x)
+    BR, BC = _blocks(C)
+    grid = (triton.cdiv(R, BR), triton.cdiv(C, BC))
+    dvp = torch.empty((grid[0], C), device=x.device, dtype=torch.float32)
+    if not x.numel():
+        return dx, torch.zeros(C, device=x.device)
+    _once_bwd_kernel[grid](x, Vc, grad, dx, dvp, R, C, float(tau), float(alpha), T=T, SG=sg_id,
+                           TERNARY=ternary, DETACH=detach_reset, BR=BR, BC=BC)
+    return dx, dvp.sum(0)
+
+
+def multi_fwd(x_seq, V, tau, ternary=True, v0=None):
+    """``(spikes [T, ...] in x.dtype, h_seq fp32 (saved for backward), v_last fp32)``."""
+    x_seq = x_seq.contiguous()
+    T = x_seq.shape[0]
+    C = x_seq.shape[-1]
+    R = x_seq[0].numel() // C
+    Vc = V.float().expand(C).contiguous()
+    spikes = torch.empty_like(x_seq)
+    h_seq = torch.empty(x_seq.shape, device=x_seq.device, dtype=torch.float32)
+    v_last = torch.empty(x_seq.shape[1:], device=x_seq.device, dtype=torch.float32)
+    BR, BC = _blocks(C)
+    grid = (triton.cdiv(R, BR), triton.cdiv(C, BC))
+    if x_seq.numel():
+        _multi_fwd_kernel[grid](x_seq, v0.contiguous() if v0 is not None else x_seq, Vc, spikes, h_seq, v_last,
+                                R, C, float(tau), T=T, TERNARY=ternary, HAS_V0=v0 is not None, BR=BR, BC=BC)
+    return spikes, h_seq, v_last
+
+
+def multi_bwd(grad_spikes, grad_v_last, h_seq, V, tau, sg_id, alpha, ternary=True, detach_reset=False,
+              out_dtype=torch.float32):
+    """``(dx_seq [T, ...] in out_dtype, dv0 fp32, dV [C] fp32)``."""
+    T = h_seq.shape[0]
+    C = h_seq.shape[-1]
+    R = h_seq[0].numel() // C
+    Vc = V.float().expand(C).contiguous()
+    dx = torch.empty(h_seq.shape, device=h_seq.device, dtype=out_dtype)
+    dv0 = torch.empty(h_seq.shape[1:], device=h_seq.device, dtype=torch.float32)
+    BR, BC = _blocks(C)
+    grid = (triton.cdiv(R, BR), triton.cdiv(C, BC))
+    dvp = torch.empty((grid[0], C), device=h_seq.device, dtype=torch.float32)
+    if not h_seq.numel():
+        return dx, dv0, torch.zeros(C, device=h_seq.device)
+    _multi_bwd_kernel[grid](grad_spikes.contiguous(), grad_v_last.contiguous() if grad_v_last is not None else h_seq,
+                            h_seq, Vc, dx, dv0, dvp, R, C, float(tau), float(alpha), T=T, SG=sg_id,
+                            TERNARY=ternary, DETACH=detach_reset, HAS_GV=grad_v_last is not None, BR=BR, BC=BC)
+    return dx, dv0, dvp.sum(0)

@@ -1,0 +1,183 @@
+"""ATMN's Triton kernels as ``torch.library`` custom ops with autograd and fake implementations,
+and the dispatch that decides when they are used.
+
+Backend knob (``NEURO_MAR_KERNELS`` or :func:`set_backend`): ``"auto"`` uses the kernels for CUDA
+tensors when triton imports and the surrogate has a kernel id; ``"torch"`` never uses them;
+``"triton"`` always does (also on CPU tensors, which needs ``TRITON_INTERPRET=1``: the tests'
+way to run the kernels without a GPU). On CPU with ``"auto"`` nothing here imports triton.
+"""
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+
+import torch
+from torch import Tensor
+
+BACKENDS = ("auto", "torch", "triton")
+_backend = os.environ.get("NEURO_MAR_KERNELS", "auto")
+
+
+def set_backend(name: str) -> None:
+    """Choose how ATMN runs: ``auto`` (Triton on CUDA), ``torch`` (reference) or ``triton`` (forced)."""
+    global _backend
+    if name not in BACKENDS:
+        raise ValueError(f"unknown kernel backend {name!r}; choose one of {BACKENDS}")
+    _backend = name
+
+
+def get_backend() -> str:
+    return _backend
+
+
+@functools.lru_cache(maxsize=1)
+def triton_available() -> bool:
+    try:
+        return importlib.util.find_spec("triton") is not None
+    except ValueError:  # sys.modules["triton"] is None: import deliberately blocked
+        return False
+
+
+def _kernels():
+    from . import atmn
+
+    return atmn
+
+
+def surrogate_kernel_id(surrogate) -> int | None:
+    """Kernel id of a SpikingJelly surrogate module, or None when the kernels do not cover it."""
+    if not getattr(surrogate, "spiking", True):
+        return None
+    from .atmn_constants import SURROGATE_IDS
+
+    return SURROGATE_IDS.get(type(surrogate).__name__)
+
+
+def use_kernel(x: Tensor, surrogate) -> bool:
+    """Whether the Triton path runs for input x under the current backend knob."""
+    if _backend == "torch":
+        return False
+    sg = surrogate_kernel_id(surrogate)
+    if _backend == "triton":
+        if sg is None:
+            raise ValueError(f"NEURO_MAR_KERNELS=triton, but surrogate {type(surrogate).__name__} has no kernel; "
+                             "kernels cover Sigmoid, ATan, Rect (straight_through), PiecewiseQuadratic and Erf in spiking mode")
+        if not triton_available():
+            raise ImportError("NEURO_MAR_KERNELS=triton needs triton (pip install triton)")
+        return True
+    return x.is_cuda and sg is not None and triton_available() and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
+
+
+# ---------------------------------------------------------------------------------------------
+# input-once
+# ---------------------------------------------------------------------------------------------
+@torch.library.custom_op("neuro_mar::atmn_once_fwd", mutates_args=())
+def _once_fwd_op(x: Tensor, V: Tensor, T: int, tau: float, ternary: bool, write_spikes: bool,
+                 count: bool) -> tuple[Tensor, Tensor, Tensor]:
+    return _kernels().once_fwd(x, V, T, tau, ternary, write_spikes, count)
+
+
+@_once_fwd_op.register_fake
+def _(x, V, T, tau, ternary, write_spikes, count):
+    spikes = x.new_empty((T, *x.shape) if write_spikes else (0,), dtype=torch.int8)
+    return torch.empty_like(x), spikes, x.new_empty((2,) if count else (0,), dtype=torch.int64)
+
+
+@torch.library.custom_op("neuro_mar::atmn_once_bwd", mutates_args=())
+def _once_bwd_op(grad: Tensor, x: Tensor, V: Tensor, T: int, tau: float, sg_id: int, alpha: float,
+                 ternary: bool, detach_reset: bool) -> tuple[Tensor, Tensor]:
+    return _kernels().once_bwd(grad, x, V, T, tau, sg_id, alpha, ternary, detach_reset)
+
+
+@_once_bwd_op.register_fake
+def _(grad, x, V, T, tau, sg_id, alpha, ternary, detach_reset):
+    return torch.empty_like(x), x.new_empty((x.shape[-1],), dtype=torch.float32)
+
+
+class _OnceFn(torch.autograd.Function):
+    """Carries the surrogate id (not an op argument of the forward) into the backward."""
+
+    @staticmethod
+    def forward(ctx, x, V, T, tau, ternary, write_spikes, count, sg_id, alpha, detach_reset):
+        x_hat, spikes, counts = _once_fwd_op(x, V, T, tau, ternary, write_spikes, count)
+        ctx.save_for_backward(x, V)
+        ctx.args = (T, tau, sg_id, alpha, ternary, detach_reset)
+        ctx.mark_non_differentiable(spikes, counts)
+        return x_hat, spikes, counts
+
+    @staticmethod
+    def backward(ctx, g_xhat, g_spikes, g_counts):
+        x, V = ctx.saved_tensors
+        T, tau, sg_id, alpha, ternary, detach_reset = ctx.args
+        dx, dV = _once_bwd_op(g_xhat.contiguous(), x, V, T, tau, sg_id, alpha, ternary, detach_reset)
+        dV = dV.sum() if V.dim() == 0 else dV.reshape(V.shape)
+        return dx, dV, None, None, None, None, None, None, None, None
+
+
+def atmn_once(x: Tensor, a: Tensor, T: int, tau: float, surrogate, ternary: bool = True,
+              detach_reset: bool = False, write_spikes: bool = False, count: bool = False):
+    """Fused input-once ATMN: ``(x_hat, spikes int8 or None, counts [2] int64 or None)``.
+    Gradients reach x and a (through V = exp(a))."""
+    sg_id = surrogate_kernel_id(surrogate)
+    V = a.float().exp()
+    x_hat, spikes, counts = _OnceFn.apply(x, V, T, float(tau), bool(ternary), bool(write_spikes), bool(count),
+                                          sg_id, float(getattr(surrogate, "alpha", 1.0)), bool(detach_reset))
+    return x_hat, (spikes if write_spikes else None), (counts if count else None)
+
+
+# ---------------------------------------------------------------------------------------------
+# multi-step
+# ---------------------------------------------------------------------------------------------
+@torch.library.custom_op("neuro_mar::atmn_multi_fwd", mutates_args=())
+def _multi_fwd_op(x_seq: Tensor, V: Tensor, v0: Tensor, tau: float, ternary: bool) -> tuple[Tensor, Tensor, Tensor]:
+    return _kernels().multi_fwd(x_seq, V, tau, ternary, v0)
+
+
+@_multi_fwd_op.register_fake
+def _(x_seq, V, v0, tau, ternary):
+    return (torch.empty_like(x_seq), torch.empty_like(x_seq, dtype=torch.float32),
+            x_seq.new_empty(x_seq.shape[1:], dtype=torch.float32))
+
+
+@torch.library.custom_op("neuro_mar::atmn_multi_bwd", mutates_args=())
+def _multi_bwd_op(grad_spikes: Tensor, grad_v_last: Tensor, h_seq: Tensor, V: Tensor, tau: float, sg_id: int,
+                  alpha: float, ternary: bool, detach_reset: bool, out_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    return _kernels().multi_bwd(grad_spikes, grad_v_last, h_seq, V, tau, sg_id, alpha, ternary, detach_reset, out_dtype)
+
+
+@_multi_bwd_op.register_fake
+def _(grad_spikes, grad_v_last, h_seq, V, tau, sg_id, alpha, ternary, detach_reset, out_dtype):
+    return (torch.empty_like(h_seq, dtype=out_dtype), h_seq.new_empty(h_seq.shape[1:]),
+            h_seq.new_empty((h_seq.shape[-1],)))
+
+
+class _MultiFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_seq, V, v0, tau, ternary, sg_id, alpha, detach_reset):
+        spikes, h_seq, v_last = _multi_fwd_op(x_seq, V, v0, tau, ternary)
+        ctx.save_for_backward(h_seq, V)
+        ctx.args = (tau, sg_id, alpha, ternary, detach_reset, x_seq.dtype, v0.dtype)
+        return spikes, v_last
+
+    @staticmethod
+    def backward(ctx, g_spikes, g_v_last):
+        h_seq, V = ctx.saved_tensors
+        tau, sg_id, alpha, ternary, detach_reset, x_dtype, v0_dtype = ctx.args
+        if g_v_last is None:
+            g_v_last = torch.zeros_like(h_seq[0])
+        dx, dv0, dV = _multi_bwd_op(g_spikes.contiguous(), g_v_last.float().contiguous(), h_seq, V, tau, sg_id,
+                                    alpha, ternary, detach_reset, x_dtype)
+        dV = dV.sum() if V.dim() == 0 else dV.reshape(V.shape)
+        return dx, dV, dv0.to(v0_dtype), None, None, None, None, None
+
+
+def atmn_multistep(x_seq: Tensor, a: Tensor, tau: float, surrogate, ternary: bool = True,
+                   detach_reset: bool = False, v0: Tensor | None = None):
+    """Fused multi-step ATMN: ``x_seq [T, ..., C] -> (spikes [T, ..., C] in x dtype, v_last fp32)``."""
+    sg_id = surrogate_kernel_id(surrogate)
+    V = a.float().exp()
+    if v0 is None:
+        v0 = torch.zeros(x_seq.shape[1:], device=x_seq.device, dtype=torch.float32)
+    return _MultiFn.apply(x_seq, V, v0, float(tau), bool(ternary), sg_id,
+                          float(getattr(surrogate, "alpha", 1.0)), bool(detach_reset))
