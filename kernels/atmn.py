@@ -13,8 +13,8 @@ fake implementations, so models trace under ``torch.compile``):
   step as SpikingJelly neurons do, spikes in x's dtype, the pre-fire potentials saved in fp32 for a
   backward that walks the steps in reverse.
 
-State and accumulation are fp32 for fp32/bf16/fp16 inputs; divisions are IEEE-rounded
-(``div_rn``) and V = exp(a) comes from PyTorch, so spikes equal the reference bit for bit. The
+State and accumulation are fp32 for fp32/bf16/fp16 inputs; V = exp(a) and 1/V come from PyTorch
+and the steps multiply by 1/tau and 1/V as the reference does, so spikes equal it bit for bit. The
 surrogate reaches the kernel as a compile-time id; T is a compile-time constant, unrolled up to 16
 and looped beyond. Tiles are [rows, channels]; the per-channel threshold gradient is reduced per
 tile and summed on the host (deterministic, no atomics).
@@ -53,8 +53,8 @@ def _sg_grad(z, SG: tl.constexpr, alpha):
 
 
 @triton.jit
-def _fire(h, V, TERNARY: tl.constexpr):
-    m = tl.math.div_rn(h, V)
+def _fire(h, iV, TERNARY: tl.constexpr):
+    m = h * iV
     s = tl.where(m >= 1.0, 1.0, 0.0)
     if TERNARY:
         s = s - tl.where(m <= -1.0, 1.0, 0.0)
@@ -74,29 +74,29 @@ def _tile(R, C, BR: tl.constexpr, BC: tl.constexpr):
 # input-once
 # ---------------------------------------------------------------------------------------------
 @triton.jit
-def _once_step(h, V, w, acc, tau, TERNARY: tl.constexpr):
-    m, s = _fire(h, V, TERNARY)
+def _once_step(h, V, iV, w, acc, tau, k, TERNARY: tl.constexpr):
+    m, s = _fire(h, iV, TERNARY)
     acc += w * s
-    h = tl.math.div_rn(h - s * V, tau)
+    h = (h - s * V) * k
     return h, s, w * tau, acc
 
 
 @triton.jit
-def _once_fwd_kernel(X, Vp, XHAT, SPK, CNT, R, C, tau,
+def _once_fwd_kernel(X, Vp, iVp, XHAT, SPK, CNT, R, C, numel, tau, k,
                      T: tl.constexpr, TERNARY: tl.constexpr, WRITE_SPIKES: tl.constexpr,
                      COUNT: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
     cols, mask, offs = _tile(R, C, BR, BC)
     x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
     V = tl.load(Vp + cols, mask=cols < C, other=1.0)[None, :]
+    iV = tl.load(iVp + cols, mask=cols < C, other=1.0)[None, :]
     h = x
     w = tau * 0.0 + 1.0  # an fp32 scalar, so the looped variant carries a fixed type
     acc = tl.zeros([BR, BC], dtype=tl.float32)
     npos = tl.zeros([BR, BC], dtype=tl.int32)
     nneg = tl.zeros([BR, BC], dtype=tl.int32)
-    numel = R.to(tl.int64) * C
     if T <= 16:
         for t in tl.static_range(T):
-            h, s, w, acc = _once_step(h, V, w, acc, tau, TERNARY)
+            h, s, w, acc = _once_step(h, V, iV, w, acc, tau, k, TERNARY)
             if WRITE_SPIKES:
                 tl.store(SPK + t * numel + offs, s.to(tl.int8), mask=mask)
             if COUNT:
@@ -104,7 +104,7 @@ def _once_fwd_kernel(X, Vp, XHAT, SPK, CNT, R, C, tau,
                 nneg += (s < 0).to(tl.int32)
     else:
         for t in range(T):
-            h, s, w, acc = _once_step(h, V, w, acc, tau, TERNARY)
+            h, s, w, acc = _once_step(h, V, iV, w, acc, tau, k, TERNARY)
             if WRITE_SPIKES:
                 tl.store(SPK + t * numel + offs, s.to(tl.int8), mask=mask)
             if COUNT:
@@ -118,13 +118,12 @@ def _once_fwd_kernel(X, Vp, XHAT, SPK, CNT, R, C, tau,
 
 
 @triton.jit
-def _once_bwd_step(h, V, w, P, Q, ax, bv, tau, alpha,
+def _once_bwd_step(h, V, iV, w, P, Q, ax, bv, tau, k, alpha,
                    SG: tl.constexpr, TERNARY: tl.constexpr, DETACH: tl.constexpr):
-    m, s = _fire(h, V, TERNARY)
+    m, s = _fire(h, iV, TERNARY)
     gz = _sg_grad(m - 1.0, SG, alpha)
     if TERNARY:
         gz += _sg_grad(-m - 1.0, SG, alpha)
-    k = 1.0 / tau
     ax += w * gz * P
     bv += w * (s - m * gz) + w * gz * Q
     if DETACH:
@@ -135,12 +134,12 @@ def _once_bwd_step(h, V, w, P, Q, ax, bv, tau, alpha,
         gamma = m * gz - s
     Q = a_t * Q + k * gamma
     P = a_t * P
-    h = tl.math.div_rn(h - s * V, tau)
+    h = (h - s * V) * k
     return h, w * tau, P, Q, ax, bv
 
 
 @triton.jit
-def _once_bwd_kernel(X, Vp, G, DX, DVP, R, C, tau, alpha,
+def _once_bwd_kernel(X, Vp, iVp, G, DX, DVP, R, C, tau, k, alpha,
                      T: tl.constexpr, SG: tl.constexpr, TERNARY: tl.constexpr, DETACH: tl.constexpr,
                      BR: tl.constexpr, BC: tl.constexpr):
     """Reverse mode of the T steps, in forward order. With k = 1/tau, g_t the surrogate slope
@@ -153,6 +152,7 @@ def _once_bwd_kernel(X, Vp, G, DX, DVP, R, C, tau, alpha,
     x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
     g_up = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
     V = tl.load(Vp + cols, mask=cols < C, other=1.0)[None, :]
+    iV = tl.load(iVp + cols, mask=cols < C, other=1.0)[None, :]
     h = x
     w = tau * 0.0 + 1.0
     P = tl.full([BR, BC], 1.0, dtype=tl.float32)
@@ -161,10 +161,10 @@ def _once_bwd_kernel(X, Vp, G, DX, DVP, R, C, tau, alpha,
     bv = tl.zeros([BR, BC], dtype=tl.float32)
     if T <= 16:
         for t in tl.static_range(T):
-            h, w, P, Q, ax, bv = _once_bwd_step(h, V, w, P, Q, ax, bv, tau, alpha, SG, TERNARY, DETACH)
+            h, w, P, Q, ax, bv = _once_bwd_step(h, V, iV, w, P, Q, ax, bv, tau, k, alpha, SG, TERNARY, DETACH)
     else:
         for t in range(T):
-            h, w, P, Q, ax, bv = _once_bwd_step(h, V, w, P, Q, ax, bv, tau, alpha, SG, TERNARY, DETACH)
+            h, w, P, Q, ax, bv = _once_bwd_step(h, V, iV, w, P, Q, ax, bv, tau, k, alpha, SG, TERNARY, DETACH)
     tl.store(DX + offs, (g_up * ax).to(DX.dtype.element_ty), mask=mask)
     dv = tl.sum(tl.where(mask, g_up * bv, 0.0), axis=0)
     tl.store(DVP + tl.program_id(0).to(tl.int64) * C + cols, dv, mask=cols < C)
@@ -174,20 +174,20 @@ def _once_bwd_kernel(X, Vp, G, DX, DVP, R, C, tau, alpha,
 # multi-step
 # ---------------------------------------------------------------------------------------------
 @triton.jit
-def _multi_fwd_kernel(X, V0, Vp, SPK, H, VLAST, R, C, tau,
+def _multi_fwd_kernel(X, V0, Vp, iVp, SPK, H, VLAST, R, C, numel, k,
                       T: tl.constexpr, TERNARY: tl.constexpr, HAS_V0: tl.constexpr,
                       BR: tl.constexpr, BC: tl.constexpr):
     cols, mask, offs = _tile(R, C, BR, BC)
     V = tl.load(Vp + cols, mask=cols < C, other=1.0)[None, :]
-    numel = R.to(tl.int64) * C
+    iV = tl.load(iVp + cols, mask=cols < C, other=1.0)[None, :]
     if HAS_V0:
         u = tl.load(V0 + offs, mask=mask, other=0.0).to(tl.float32)
     else:
         u = tl.zeros([BR, BC], dtype=tl.float32)
     for t in range(T):
         x = tl.load(X + t * numel + offs, mask=mask, other=0.0).to(tl.float32)
-        h = x + tl.math.div_rn(u, tau)
-        m, s = _fire(h, V, TERNARY)
+        h = x + u * k
+        m, s = _fire(h, iV, TERNARY)
         tl.store(H + t * numel + offs, h, mask=mask)
         tl.store(SPK + t * numel + offs, s.to(SPK.dtype.element_ty), mask=mask)
         u = h - s * V
@@ -195,12 +195,12 @@ def _multi_fwd_kernel(X, V0, Vp, SPK, H, VLAST, R, C, tau,
 
 
 @triton.jit
-def _multi_bwd_kernel(GS, GV, H, Vp, DX, DV0, DVP, R, C, tau, alpha,
+def _multi_bwd_kernel(GS, GV, H, Vp, iVp, DX, DV0, DVP, R, C, numel, k, alpha,
                       T: tl.constexpr, SG: tl.constexpr, TERNARY: tl.constexpr, DETACH: tl.constexpr,
                       HAS_GV: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
     cols, mask, offs = _tile(R, C, BR, BC)
     V = tl.load(Vp + cols, mask=cols < C, other=1.0)[None, :]
-    numel = R.to(tl.int64) * C
+    iV = tl.load(iVp + cols, mask=cols < C, other=1.0)[None, :]
     if HAS_GV:
         uh = tl.load(GV + offs, mask=mask, other=0.0).to(tl.float32)
     else:
@@ -210,7 +210,7 @@ def _multi_bwd_kernel(GS, GV, H, Vp, DX, DV0, DVP, R, C, tau, alpha,
         t = T - 1 - i
         h = tl.load(H + t * numel + offs, mask=mask, other=0.0)
         g_up = tl.load(GS + t * numel + offs, mask=mask, other=0.0).to(tl.float32)
-        m, s = _fire(h, V, TERNARY)
+        m, s = _fire(h, iV, TERNARY)
         gz = _sg_grad(m - 1.0, SG, alpha)
         if TERNARY:
             gz += _sg_grad(-m - 1.0, SG, alpha)
@@ -219,10 +219,10 @@ def _multi_bwd_kernel(GS, GV, H, Vp, DX, DV0, DVP, R, C, tau, alpha,
         else:
             sh = g_up - V * uh
         mh = sh * gz
-        hh = uh + mh / V
+        hh = uh + mh * iV
         tl.store(DX + t * numel + offs, hh.to(DX.dtype.element_ty), mask=mask)
-        dv += -s * uh - m * mh / V
-        uh = hh / tau
+        dv += -s * uh - m * mh * iV
+        uh = hh * k
     tl.store(DV0 + offs, uh, mask=mask)
     tl.store(DVP + tl.program_id(0).to(tl.int64) * C + cols, tl.sum(tl.where(mask, dv, 0.0), axis=0), mask=cols < C)
 
@@ -245,13 +245,14 @@ def once_fwd(x, V, T, tau, ternary=True, write_spikes=False, count=False):
     """``(x_hat, spikes int8 [T, *x.shape] or empty, counts int64 [2] (+, -) or empty)``."""
     x, R, C = _as_2d(x)
     V = V.float().expand(C).contiguous()
+    iV = V.reciprocal()
     x_hat = torch.empty_like(x)
     spikes = torch.empty((T, *x.shape) if write_spikes else (0,), device=x.device, dtype=torch.int8)
     BR, BC = _blocks(C)
     grid = (triton.cdiv(R, BR), triton.cdiv(C, BC))
     cnt = torch.empty((grid[0] * grid[1], 2) if count else (0,), device=x.device, dtype=torch.int32)
     if x.numel():
-        _once_fwd_kernel[grid](x, V, x_hat, spikes, cnt, R, C, float(tau), T=T, TERNARY=ternary,
+        _once_fwd_kernel[grid](x, V, iV, x_hat, spikes, cnt, R, C, x.numel(), float(tau), 1.0 / tau, T=T, TERNARY=ternary,
                                WRITE_SPIKES=write_spikes, COUNT=count, BR=BR, BC=BC)
     counts = cnt.sum(0, dtype=torch.int64) if count else cnt.new_empty(0, dtype=torch.int64)
     if count and not x.numel():
@@ -270,7 +271,7 @@ def once_bwd(grad, x, V, T, tau, sg_id, alpha, ternary=True, detach_reset=False)
     dvp = torch.empty((grid[0], C), device=x.device, dtype=torch.float32)
     if not x.numel():
         return dx, torch.zeros(C, device=x.device)
-    _once_bwd_kernel[grid](x, Vc, grad, dx, dvp, R, C, float(tau), float(alpha), T=T, SG=sg_id,
+    _once_bwd_kernel[grid](x, Vc, Vc.reciprocal(), grad, dx, dvp, R, C, float(tau), 1.0 / tau, float(alpha), T=T, SG=sg_id,
                            TERNARY=ternary, DETACH=detach_reset, BR=BR, BC=BC)
     return dx, dvp.sum(0)
 
@@ -288,8 +289,8 @@ def multi_fwd(x_seq, V, tau, ternary=True, v0=None):
     BR, BC = _blocks(C)
     grid = (triton.cdiv(R, BR), triton.cdiv(C, BC))
     if x_seq.numel():
-        _multi_fwd_kernel[grid](x_seq, v0.contiguous() if v0 is not None else x_seq, Vc, spikes, h_seq, v_last,
-                                R, C, float(tau), T=T, TERNARY=ternary, HAS_V0=v0 is not None, BR=BR, BC=BC)
+        _multi_fwd_kernel[grid](x_seq, v0.contiguous() if v0 is not None else x_seq, Vc, Vc.reciprocal(), spikes,
+                                h_seq, v_last, R, C, R * C, 1.0 / tau, T=T, TERNARY=ternary, HAS_V0=v0 is not None, BR=BR, BC=BC)
     return spikes, h_seq, v_last
 
 
@@ -308,6 +309,6 @@ def multi_bwd(grad_spikes, grad_v_last, h_seq, V, tau, sg_id, alpha, ternary=Tru
     if not h_seq.numel():
         return dx, dv0, torch.zeros(C, device=h_seq.device)
     _multi_bwd_kernel[grid](grad_spikes.contiguous(), grad_v_last.contiguous() if grad_v_last is not None else h_seq,
-                            h_seq, Vc, dx, dv0, dvp, R, C, float(tau), float(alpha), T=T, SG=sg_id,
+                            h_seq, Vc, Vc.reciprocal(), dx, dv0, dvp, R, C, R * C, 1.0 / tau, float(alpha), T=T, SG=sg_id,
                             TERNARY=ternary, DETACH=detach_reset, HAS_GV=grad_v_last is not None, BR=BR, BC=BC)
     return dx, dv0, dvp.sum(0)

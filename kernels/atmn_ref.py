@@ -3,8 +3,8 @@
 These functions are what :class:`neuro_mar.neurons.ATMN` runs on its PyTorch path; autograd
 through them defines the reference gradients. Per channel (last dimension), V = exp(a) > 0:
 
-    h_t = x_t + u_{t-1} / tau          (u_{-1} = v0, zero by default)
-    m_t = h_t / V
+    h_t = x_t + (1/tau) * u_{t-1}      (u_{-1} = v0, zero by default)
+    m_t = h_t * (1/V)                  (normalised potential; 1/tau and 1/V are rounded once)
     s_t = sg(m_t - 1) - [ternary] sg(-m_t - 1)      (Heaviside forward, surrogate backward)
     u_t = h_t - s_t * V                (s_t detached here when detach_reset)
 
@@ -16,13 +16,14 @@ import torch
 
 
 def charge(x: torch.Tensor | None, u: torch.Tensor | None, tau: float) -> torch.Tensor:
+    k = 1.0 / tau
     if u is None:
         return x
-    return u / tau if x is None else x + u / tau
+    return u * k if x is None else x + u * k
 
 
 def fire(h: torch.Tensor, V: torch.Tensor, surrogate, ternary: bool) -> torch.Tensor:
-    m = h / V
+    m = h * V.reciprocal()
     s = surrogate(m - 1.0)
     if ternary:
         s = s - surrogate(-m - 1.0)

@@ -1,0 +1,70 @@
+"""Timing helpers shared by the GPU benchmarks: CUDA-event medians, copy bandwidth, bf16 rate."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+
+import torch
+
+
+def bench(fn, warmup: int = 3, rep: int = 5, inner: int = 10) -> float:
+    """Milliseconds per fn() call: the median over ``rep`` windows of ``inner`` back-to-back calls
+    between two CUDA events (so the host enqueues ahead, as in a training loop; a call whose host
+    side is slower than its kernels is timed at its host speed)."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(rep):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        for _ in range(inner):
+            fn()
+        e.record()
+        torch.cuda.synchronize()
+        times.append(s.elapsed_time(e) / inner)
+    return statistics.median(times)
+
+
+def copy_bandwidth_TBps(nbytes: int = 1 << 30) -> float:
+    """Device-to-device copy bandwidth, counting bytes read plus written (the memory roofline)."""
+    src = torch.empty(nbytes // 4, device="cuda", dtype=torch.float32).normal_()
+    dst = torch.empty_like(src)
+    ms = bench(lambda: dst.copy_(src))
+    del src, dst
+    return 2 * nbytes / (ms * 1e-3) / 1e12
+
+
+def bf16_tflops(n: int = 8192) -> float:
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    ms = bench(lambda: a @ b)
+    return 2 * n**3 / (ms * 1e-3) / 1e12
+
+
+def environment() -> dict:
+    import triton
+
+    return {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+            "python": platform.python_version()}
+
+
+def write_results(name: str, payload: dict) -> None:
+    """Write JSON under $OUT (device runs) or benchmarks/results/, and print the final JSON line."""
+    out = os.environ.get("OUT") or os.path.join(os.path.dirname(__file__), "results")
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, f"{name}.json")
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(payload, f, indent=2)
+    os.replace(tmp, path)
+    print(json.dumps(payload))
+
+
+def print_table(rows: list[dict], cols: list[str]) -> None:
+    widths = [max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in cols]
+    print("  ".join(c.ljust(w) for c, w in zip(cols, widths)))
+    for r in rows:
+        print("  ".join(str(r.get(c, "")).ljust(w) for c, w in zip(cols, widths)))

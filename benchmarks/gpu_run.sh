@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Everything this project checks on the lent GPU, in one call (see README "GPU checks").
+# Expects the wheels in .whl/ (spikingjelly, loguru, snntorch, liger-kernel) and mamba_ssm's Python
+# package in .carry/mamba/ (see benchmarks/README.md); writes logs and JSON under $OUT.
+# Usage: STAGES="tests atmn" bash benchmarks/gpu_run.sh
+set -uo pipefail
+OUT=${OUT:-benchmarks/results}
+STAGES=${STAGES:-"tests atmn"}
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --target /tmp/nm . || exit 1
+export PYTHONPATH=/tmp/nm:/tmp/site:$PWD/.carry/mamba
+export PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu_info.txt"
+for stage in $STAGES; do
+  case $stage in
+    tests) python3 -P -m pytest -q -p no:cacheprovider tests/test_atmn_kernel.py tests/test_ssm_gpu.py 2>&1 | tee "$OUT/gpu_tests.log" ;;
+    gputests) python3 -P -m pytest -q -p no:cacheprovider -rf tests/test_ssm_gpu.py tests/test_atmn_kernel.py -k "gpu or full_size or dtypes_and_shapes or multistep_bf16 or without_triton or when_forced" 2>&1 | tee "$OUT/gpu_tests.log" ;;
+    atmn) python3 -P benchmarks/atmn.py 2>&1 | tee "$OUT/atmn_bench.log" ;;
+    sbds) python3 -P benchmarks/sbds.py 2>&1 | tee "$OUT/sbds_bench.log" ;;
+    *) echo "unknown stage $stage" ;;
+  esac
+done
