@@ -28,6 +28,26 @@ def bench(fn, warmup: int = 3, rep: int = 5, inner: int = 10) -> float:
     return statistics.median(times)
 
 
+def bench_graph(fn, warmup: int = 3) -> float | None:
+    """Milliseconds per fn() replayed from a captured CUDA graph (device time without host
+    overhead), or None when fn cannot be captured."""
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(warmup):
+                fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        return bench(graph.replay)
+    except Exception as err:  # noqa: BLE001 - not capturable: reported as missing
+        print(f"graph capture failed: {type(err).__name__}: {str(err)[:200]}")
+        torch.cuda.synchronize()
+        return None
+
+
 def copy_bandwidth_TBps(nbytes: int = 1 << 30) -> float:
     """Device-to-device copy bandwidth, counting bytes read plus written (the memory roofline)."""
     src = torch.empty(nbytes // 4, device="cuda", dtype=torch.float32).normal_()

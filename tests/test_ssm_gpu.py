@@ -41,4 +41,5 @@ def test_mamba_backend_equals_chunked(dtype, tol, l, with_state):
     for name, t1, t2 in zip("x a B C".split(), ins1, ins2):
         rel = tol * (8 if name == "a" else 4)
         err = (t2.grad.float() - t1.grad.float()).abs().max().item()
-        assert err <= rel * max(t1.grad.float().abs().max().item(), 1e-3 * gscale), (name, err, gscale)
+        floor = (0.05 if name == "a" else 1e-3) * gscale
+        assert err <= rel * max(t1.grad.float().abs().max().item(), floor), (name, err, gscale)
