@@ -230,9 +230,13 @@ def _multi_bwd_kernel(GS, GV, H, Vp, iVp, DX, DV0, DVP, R, C, numel, k, alpha,
 # ---------------------------------------------------------------------------------------------
 # launchers
 # ---------------------------------------------------------------------------------------------
+#: tile elements per program and warps; benchmarks/atmn_tune.py measures alternatives
+TILE = {"elems": 2048, "max_cols": 128, "num_warps": 4}
+
+
 def _blocks(C: int) -> tuple[int, int]:
-    BC = min(128, triton.next_power_of_2(max(C, 1)))
-    return max(1, 2048 // BC), BC
+    BC = min(TILE["max_cols"], triton.next_power_of_2(max(C, 1)))
+    return max(1, TILE["elems"] // BC), BC
 
 
 def _as_2d(x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
@@ -253,7 +257,7 @@ def once_fwd(x, V, T, tau, ternary=True, write_spikes=False, count=False):
     cnt = torch.empty((grid[0] * grid[1], 2) if count else (0,), device=x.device, dtype=torch.int32)
     if x.numel():
         _once_fwd_kernel[grid](x, V, iV, x_hat, spikes, cnt, R, C, x.numel(), float(tau), 1.0 / tau, T=T, TERNARY=ternary,
-                               WRITE_SPIKES=write_spikes, COUNT=count, BR=BR, BC=BC)
+                               WRITE_SPIKES=write_spikes, COUNT=count, BR=BR, BC=BC, num_warps=TILE["num_warps"])
     counts = cnt.sum(0, dtype=torch.int64) if count else cnt.new_empty(0, dtype=torch.int64)
     if count and not x.numel():
         counts = torch.zeros(2, dtype=torch.int64, device=x.device)
@@ -272,7 +276,7 @@ def once_bwd(grad, x, V, T, tau, sg_id, alpha, ternary=True, detach_reset=False)
     if not x.numel():
         return dx, torch.zeros(C, device=x.device)
     _once_bwd_kernel[grid](x, Vc, Vc.reciprocal(), grad, dx, dvp, R, C, float(tau), 1.0 / tau, float(alpha), T=T, SG=sg_id,
-                           TERNARY=ternary, DETACH=detach_reset, BR=BR, BC=BC)
+                           TERNARY=ternary, DETACH=detach_reset, BR=BR, BC=BC, num_warps=TILE["num_warps"])
     return dx, dvp.sum(0)
 
 
@@ -290,7 +294,7 @@ def multi_fwd(x_seq, V, tau, ternary=True, v0=None):
     grid = (triton.cdiv(R, BR), triton.cdiv(C, BC))
     if x_seq.numel():
         _multi_fwd_kernel[grid](x_seq, v0.contiguous() if v0 is not None else x_seq, Vc, Vc.reciprocal(), spikes,
-                                h_seq, v_last, R, C, R * C, 1.0 / tau, T=T, TERNARY=ternary, HAS_V0=v0 is not None, BR=BR, BC=BC)
+                                h_seq, v_last, R, C, R * C, 1.0 / tau, T=T, TERNARY=ternary, HAS_V0=v0 is not None, BR=BR, BC=BC, num_warps=TILE["num_warps"])
     return spikes, h_seq, v_last
 
 
@@ -310,5 +314,5 @@ def multi_bwd(grad_spikes, grad_v_last, h_seq, V, tau, sg_id, alpha, ternary=Tru
         return dx, dv0, torch.zeros(C, device=h_seq.device)
     _multi_bwd_kernel[grid](grad_spikes.contiguous(), grad_v_last.contiguous() if grad_v_last is not None else h_seq,
                             h_seq, Vc, Vc.reciprocal(), dx, dv0, dvp, R, C, R * C, 1.0 / tau, float(alpha), T=T, SG=sg_id,
-                            TERNARY=ternary, DETACH=detach_reset, HAS_GV=grad_v_last is not None, BR=BR, BC=BC)
+                            TERNARY=ternary, DETACH=detach_reset, HAS_GV=grad_v_last is not None, BR=BR, BC=BC, num_warps=TILE["num_warps"])
     return dx, dv0, dvp.sum(0)
