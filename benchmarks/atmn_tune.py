@@ -31,6 +31,6 @@ for elems, cols, warps in itertools.product([1024, 2048, 4096, 8192], [128, 256,
     }
     row = {"elems": elems, "cols": cols, "warps": warps}
     for k, (ms, nbytes) in res.items():
-        row[k] = f"{ms:.3f}ms {nbytes / ms / 1e9:.0f}GB/s" if ms else "-"
+        row[k] = f"{ms:.3f}ms {nbytes / ms / 1e9:.2f}TB/s" if ms else "-"
     rows.append(row)
 print_table(rows, ["elems", "cols", "warps", "once_fwd", "once_bwd", "multi_fwd", "multi_bwd"])

@@ -231,7 +231,7 @@ def _multi_bwd_kernel(GS, GV, H, Vp, iVp, DX, DV0, DVP, R, C, numel, k, alpha,
 # launchers
 # ---------------------------------------------------------------------------------------------
 #: tile elements per program and warps; benchmarks/atmn_tune.py measures alternatives
-TILE = {"elems": 2048, "max_cols": 128, "num_warps": 4}
+TILE = {"elems": 2048, "max_cols": 256, "num_warps": 8}  # best of the sweep on an H200 (2026-11-29)
 
 
 def _blocks(C: int) -> tuple[int, int]:

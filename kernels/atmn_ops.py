@@ -130,7 +130,7 @@ def atmn_once(x: Tensor, a: Tensor, T: int, tau: float, surrogate, ternary: bool
 # multi-step
 # ---------------------------------------------------------------------------------------------
 @torch.library.custom_op("neuro_mar::atmn_multi_fwd", mutates_args=())
-def _multi_fwd_op(x_seq: Tensor, V: Tensor, v0: Tensor, tau: float, ternary: bool) -> tuple[Tensor, Tensor, Tensor]:
+def _multi_fwd_op(x_seq: Tensor, V: Tensor, v0: Tensor | None, tau: float, ternary: bool) -> tuple[Tensor, Tensor, Tensor]:
     return _kernels().multi_fwd(x_seq, V, tau, ternary, v0)
 
 
@@ -141,7 +141,7 @@ def _(x_seq, V, v0, tau, ternary):
 
 
 @torch.library.custom_op("neuro_mar::atmn_multi_bwd", mutates_args=())
-def _multi_bwd_op(grad_spikes: Tensor, grad_v_last: Tensor, h_seq: Tensor, V: Tensor, tau: float, sg_id: int,
+def _multi_bwd_op(grad_spikes: Tensor, grad_v_last: Tensor | None, h_seq: Tensor, V: Tensor, tau: float, sg_id: int,
                   alpha: float, ternary: bool, detach_reset: bool, out_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
     return _kernels().multi_bwd(grad_spikes, grad_v_last, h_seq, V, tau, sg_id, alpha, ternary, detach_reset, out_dtype)
 
@@ -157,19 +157,19 @@ class _MultiFn(torch.autograd.Function):
     def forward(ctx, x_seq, V, v0, tau, ternary, sg_id, alpha, detach_reset):
         spikes, h_seq, v_last = _multi_fwd_op(x_seq, V, v0, tau, ternary)
         ctx.save_for_backward(h_seq, V)
-        ctx.args = (tau, sg_id, alpha, ternary, detach_reset, x_seq.dtype, v0.dtype)
+        ctx.args = (tau, sg_id, alpha, ternary, detach_reset, x_seq.dtype, None if v0 is None else v0.dtype)
         return spikes, v_last
 
     @staticmethod
     def backward(ctx, g_spikes, g_v_last):
         h_seq, V = ctx.saved_tensors
         tau, sg_id, alpha, ternary, detach_reset, x_dtype, v0_dtype = ctx.args
-        if g_v_last is None:
-            g_v_last = torch.zeros_like(h_seq[0])
-        dx, dv0, dV = _multi_bwd_op(g_spikes.contiguous(), g_v_last.float().contiguous(), h_seq, V, tau, sg_id,
+        if g_v_last is not None:
+            g_v_last = g_v_last.float().contiguous()
+        dx, dv0, dV = _multi_bwd_op(g_spikes.contiguous(), g_v_last, h_seq, V, tau, sg_id,
                                     alpha, ternary, detach_reset, x_dtype)
         dV = dV.sum() if V.dim() == 0 else dV.reshape(V.shape)
-        return dx, dV, dv0.to(v0_dtype), None, None, None, None, None
+        return dx, dV, None if v0_dtype is None else dv0.to(v0_dtype), None, None, None, None, None
 
 
 def atmn_multistep(x_seq: Tensor, a: Tensor, tau: float, surrogate, ternary: bool = True,
@@ -177,7 +177,5 @@ def atmn_multistep(x_seq: Tensor, a: Tensor, tau: float, surrogate, ternary: boo
     """Fused multi-step ATMN: ``x_seq [T, ..., C] -> (spikes [T, ..., C] in x dtype, v_last fp32)``."""
     sg_id = surrogate_kernel_id(surrogate)
     V = a.float().exp()
-    if v0 is None:
-        v0 = torch.zeros(x_seq.shape[1:], device=x_seq.device, dtype=torch.float32)
     return _MultiFn.apply(x_seq, V, v0, float(tau), bool(ternary), sg_id,
                           float(getattr(surrogate, "alpha", 1.0)), bool(detach_reset))
