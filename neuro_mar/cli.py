@@ -19,6 +19,92 @@ def _cmd_neurons(args) -> int:
     return 0
 
 
+def _token_batches(tokenizer, path: str | None, seq_len: int, max_tokens: int):
+    import torch
+    from pathlib import Path
+
+    if path is None:
+        text = (Path(__file__).parent / "data" / "sample.txt").read_text()
+    else:
+        p = Path(path)
+        if not p.is_file():
+            raise SystemExit(f"error: data file {p} does not exist")
+        text = p.read_text(errors="replace")
+        if not text.strip():
+            raise SystemExit(f"error: data file {p} is empty")
+    ids = tokenizer(text, return_tensors="pt").input_ids[0][:max_tokens]
+    if ids.numel() < 2:
+        raise SystemExit("error: the data gives fewer than 2 tokens")
+    return [ids[i:i + seq_len].unsqueeze(0) for i in range(0, ids.numel(), seq_len)]
+
+
+def load_student(spec: str, neuron: str | None):
+    """A MAR checkpoint folder, or a teacher spec converted on the fly with llama_to_mar; with
+    ``neuron`` set at all four sites (thresholds still to calibrate). Returns (model, tokenizer)."""
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    from .models import MARForCausalLM
+
+    p = Path(spec)
+    if _is_mar_checkpoint(spec):
+        model = MARForCausalLM.from_pretrained(p).eval()
+        if neuron:
+            model.set_neurons(neuron)
+        tok = AutoTokenizer.from_pretrained(p) if (p / "tokenizer_config.json").is_file() else None
+        return model, tok
+    from .convert import llama_to_mar
+    from .teachers import load_teacher
+
+    teacher, tok = load_teacher(spec)
+    model = llama_to_mar(teacher).eval()
+    if neuron:
+        model.set_neurons(neuron)
+    return model, tok
+
+
+def _cmd_energy(args) -> int:
+    import torch
+
+    from .hardware_models import estimate_energy
+    from .hardware_models.targets import DEFAULT_TARGETS, get_target
+
+    targets = args.target or list(DEFAULT_TARGETS)
+    for t in targets:
+        try:
+            get_target(t)
+        except (ValueError, FileNotFoundError) as err:
+            raise SystemExit(f"error: {err}") from None
+    torch.manual_seed(0)
+    model, tok = load_student(args.model, args.neuron)
+    if tok is None:
+        from .teachers import load_teacher
+
+        _, tok = load_teacher(args.tokenizer)
+    batches = _token_batches(tok, args.data, args.seq_len, args.max_tokens)
+    if args.neuron:  # a freshly set neuron needs thresholds from the data
+        model.calibrate_thresholds(batches[:1])
+    reports = {}
+    for ctx in args.context:
+        rep = estimate_energy(model, batches, targets=targets, context=ctx, memory=args.memory)
+        print(rep.table())
+        print()
+        reports[ctx] = rep
+        if args.out:
+            paths = rep.write(args.out, stem=f"energy_ctx{ctx}")
+            print(f"wrote {', '.join(str(p) for p in paths.values())}")
+    return 0
+
+
+def _is_mar_checkpoint(spec: str) -> bool:
+    import json
+    from pathlib import Path
+
+    p = Path(spec) / "config.json"
+    return p.is_file() and json.loads(p.read_text()).get("model_type") == "neuro_mar"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="neuro-mar",
@@ -29,12 +115,36 @@ def build_parser() -> argparse.ArgumentParser:
     n = sub.add_parser("neurons", help="list the registered neuron types (names for --neuron and swap_neurons)",
                        description="Print the neuron registry: name, spike levels, default micro-steps T, description.")
     n.set_defaults(func=_cmd_neurons)
+
+    e = sub.add_parser(
+        "energy", help="estimate synaptic operations and energy per token on neuromorphic targets and a GPU",
+        description="Count every operation of a MAR model on real text (spikes from a real run; scan, conv, "
+                    "gating, norms and LM head included) and price it on cost tables with sourced constants. "
+                    "Compares against the Transformer teacher and the dense Stage-1 model at the same context. "
+                    "MODEL is a MAR checkpoint folder, or a teacher (smollm2-135m, HF folder, .gguf) converted "
+                    "on the fly with --neuron and calibrated thresholds.")
+    e.add_argument("model", metavar="MODEL")
+    e.add_argument("--target", action="append", metavar="NAME|FILE",
+                   help="cost table name (repeatable; default: 45nm-fp32 45nm-int8 loihi truenorth spinnaker2 "
+                        "h200-bf16) or a .toml/.json table")
+    e.add_argument("--context", type=int, action="append", metavar="N",
+                   help="context length of the comparison (repeatable; default 512)")
+    e.add_argument("--data", metavar="FILE", help="text file to run (default: a built-in English sample)")
+    e.add_argument("--neuron", help="set this neuron at all four sites and calibrate thresholds on the data")
+    e.add_argument("--tokenizer", default="smollm2-135m", help="tokenizer when MODEL has none (a teacher spec)")
+    e.add_argument("--seq-len", type=int, default=256)
+    e.add_argument("--max-tokens", type=int, default=2048)
+    e.add_argument("--memory", action="store_true", help="also count weight and state memory traffic")
+    e.add_argument("--out", metavar="DIR", help="write energy_ctxN.{json,csv,png} here")
+    e.set_defaults(func=_cmd_energy)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if getattr(args, "context", None) is None and getattr(args, "func", None) is _cmd_energy:
+        args.context = [512]
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

@@ -53,6 +53,10 @@ def mar_config_from_llama(cfg, **overrides) -> MARConfig:
         mixer_bias=bool(getattr(cfg, "attention_bias", False)), mlp_bias=bool(getattr(cfg, "mlp_bias", False)),
         bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id, pad_token_id=cfg.pad_token_id,
     )
+    # what the cost model needs to price the teacher without loading it
+    kwargs["teacher_config"] = {k: getattr(cfg, k, None) for k in (
+        "model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+        "num_key_value_heads", "head_dim", "vocab_size")}
     kwargs.update(overrides)
     return MARConfig(**kwargs)
 
