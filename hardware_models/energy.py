@@ -16,9 +16,11 @@ from pathlib import Path
 from .counting import Row, llama_rows, measure_site_activity, site_fanout, student_rows, totals
 from .targets import DEFAULT_TARGETS, PJ, CostTable, get_target
 
-#: energy components of a report, in plot order
+#: energy components of a report, in plot order, with fixed plot colours
 ENERGY_PARTS = ("synaptic AC", "neuron updates", "dense MAC", "elementwise", "activations", "memory",
                 "companion (non-synaptic)")
+_COLOURS = dict(zip(ENERGY_PARTS, ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown",
+                                   "tab:gray")))
 
 
 def row_energy(row: Row, table: CostTable) -> dict[str, float]:
@@ -163,7 +165,7 @@ class EnergyReport:
             for part in ENERGY_PARTS:
                 vals = [per_layer[k].get(part, 0.0) / PJ for k in layers]
                 if any(vals):
-                    ax.bar(range(len(layers)), vals, bottom=bottom, label=part)
+                    ax.bar(range(len(layers)), vals, bottom=bottom, label=part, color=_COLOURS[part])
                     bottom = [b + v for b, v in zip(bottom, vals)]
             ax.set_xticks(range(len(layers)), layers, fontsize=7)
             ax.set_ylabel("pJ / token")

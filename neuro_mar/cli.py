@@ -105,6 +105,55 @@ def _is_mar_checkpoint(spec: str) -> bool:
     return p.is_file() and json.loads(p.read_text()).get("model_type") == "neuro_mar"
 
 
+def _cmd_trace(args) -> int:
+    from pathlib import Path
+
+    from .traces import export_nir, export_nwb, record_trace
+
+    if (args.text is None) == (args.data is None):
+        raise SystemExit("error: give exactly one of --text or --data")
+    model, tok = load_student(args.model, args.neuron)
+    if tok is None:
+        from .teachers import load_teacher
+
+        _, tok = load_teacher(args.tokenizer)
+    if args.text is not None:
+        import torch
+
+        ids = tok(args.text, return_tensors="pt").input_ids[0]
+        if ids.numel() == 0:
+            raise SystemExit("error: --text gives no tokens")
+        batches = [ids[i:i + args.seq_len].unsqueeze(0) for i in range(0, ids.numel(), args.seq_len)]
+        del torch
+    else:
+        batches = _token_batches(tok, args.data, args.seq_len, args.max_tokens)
+    if args.neuron:
+        model.calibrate_thresholds(batches[:1])
+    out = Path(args.out)
+    sonata = out if args.format == "sonata" else out.with_suffix(".sonata.h5")
+    try:
+        record_trace(model, batches, sonata, sites=args.sites, model_name=str(args.model), progress=True)
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
+    if args.format == "nwb":
+        export_nwb(sonata, out)
+    elif args.format == "nir":
+        export_nir(sonata, out)
+    print(f"wrote {out}" + (f" (and {sonata})" if sonata != out else ""))
+    return 0
+
+
+def _cmd_plot_trace(args) -> int:
+    from .traces import TraceFormatError, plot_trace
+
+    try:
+        paths = plot_trace(args.trace, args.out, max_tokens=args.max_tokens, max_channels=args.max_channels)
+    except (TraceFormatError, FileNotFoundError) as err:
+        raise SystemExit(f"error: {err}") from None
+    print("\n".join(f"wrote {p}" for p in paths))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="neuro-mar",
@@ -137,6 +186,32 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--memory", action="store_true", help="also count weight and state memory traffic")
     e.add_argument("--out", metavar="DIR", help="write energy_ctxN.{json,csv,png} here")
     e.set_defaults(func=_cmd_energy)
+
+    t = sub.add_parser("trace", help="record spike traces to HDF5 (SONATA), NWB or NIR",
+                       description="Run MODEL on text and record the ternary spikes of its sites, streamed to a "
+                                   "SONATA-compatible HDF5 file (one population per site, polarity as a dataset); "
+                                   "--format nwb/nir also writes that view. MODEL as for `neuro-mar energy`.")
+    t.add_argument("model", metavar="MODEL")
+    t.add_argument("--text", help="text to run")
+    t.add_argument("--data", metavar="FILE", help="text file to run")
+    t.add_argument("--out", required=True, metavar="FILE")
+    t.add_argument("--sites", default="*", metavar="PATTERN",
+                   help="fnmatch pattern on population names like L03.mlp.down (default: all spiking sites)")
+    t.add_argument("--format", choices=["sonata", "nwb", "nir"], default="sonata")
+    t.add_argument("--neuron", help="set this neuron at all four sites and calibrate thresholds on the text")
+    t.add_argument("--tokenizer", default="smollm2-135m")
+    t.add_argument("--seq-len", type=int, default=256)
+    t.add_argument("--max-tokens", type=int, default=4096)
+    t.set_defaults(func=_cmd_trace)
+
+    pt = sub.add_parser("plot-trace", help="PNG rasters per site and a firing-rate heatmap of a trace",
+                        description="Plot a SONATA trace written by `neuro-mar trace`: raster_<site>.png (tokens on "
+                                    "the x axis, +1 red, -1 blue) and firing_rates.png (layer x site kind).")
+    pt.add_argument("trace")
+    pt.add_argument("--out", default=".", metavar="DIR")
+    pt.add_argument("--max-tokens", type=int, default=64)
+    pt.add_argument("--max-channels", type=int, default=128)
+    pt.set_defaults(func=_cmd_plot_trace)
     return p
 
 
