@@ -11,8 +11,10 @@ $(STAMP): pyproject.toml requirements-nodeps.txt scripts/bootstrap.sh
 
 setup: $(STAMP)
 
+RUN ?= runs/demo-$(shell date +%Y%m%d-%H%M%S)
+
 demo: $(STAMP)
-	$(VENV)/bin/neuro-mar neurons
+	$(VENV)/bin/neuro-mar refine --teacher smollm2-135m --preset quick --out $(RUN)
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -154,6 +154,100 @@ def _cmd_plot_trace(args) -> int:
     return 0
 
 
+def _refine_config(args):
+    import dataclasses
+
+    from .refine import PRESETS, RefineConfig
+
+    values = dict(PRESETS[args.preset])
+    for f in dataclasses.fields(RefineConfig):
+        v = getattr(args, f.name, None)
+        if v is not None and f.name not in ("data",):
+            values[f.name] = v
+    values["data"] = args.data or []
+    if args.neuron_option:
+        import json
+
+        values["neuron_options"] = json.loads(args.neuron_option)
+    return RefineConfig(**values)
+
+
+def _cmd_refine(args) -> int:
+    from .refine import RefineError, run_refine
+    from .refine.data import DataError
+
+    cfg = _refine_config(args)
+    try:
+        report = run_refine(cfg, args.out, resume=args.resume)
+    except (RefineError, DataError, FileNotFoundError) as err:
+        raise SystemExit(f"error: {err}") from None
+    if report is not None:
+        from pathlib import Path
+
+        print((Path(args.out) / "report.md").read_text())
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    import json
+
+    from .refine import load_multiple_choice, perplexity, score_multiple_choice
+    from .refine.data import DataError, read_texts, tokenize_and_pack
+
+    model, tok = load_student(args.model, None) if _is_mar_checkpoint(args.model) else _load_any(args.model)
+    if tok is None:
+        from .teachers import load_teacher
+
+        _, tok = load_teacher(args.tokenizer)
+    results = {}
+    try:
+        if args.data:
+            rows = tokenize_and_pack(read_texts(args.data), tok, args.seq_len, args.max_tokens)
+            results["perplexity"] = perplexity(model, rows)
+            if args.teacher:
+                from .refine import agreement
+
+                teacher, _ = _load_any(args.teacher)
+                results.update(agreement(model, teacher, rows))
+        for path in args.tasks or []:
+            results[path] = score_multiple_choice(model, tok, load_multiple_choice(path), progress=True)
+    except (DataError, FileNotFoundError, ValueError) as err:
+        raise SystemExit(f"error: {err}") from None
+    if not results:
+        raise SystemExit("error: give --data FILE (perplexity) and/or --tasks FILE.jsonl (zero-shot accuracy)")
+    print(json.dumps(results, indent=2))
+    return 0
+
+
+def _load_any(spec: str):
+    if _is_mar_checkpoint(spec):
+        return load_student(spec, None)
+    from .teachers import load_teacher
+
+    return load_teacher(spec)
+
+
+def _cmd_generate(args) -> int:
+    import torch
+
+    model, tok = _load_any(args.model)
+    if tok is None:
+        from .teachers import load_teacher
+
+        _, tok = load_teacher(args.tokenizer)
+    text = args.prompt
+    if args.chat and tok.chat_template:
+        text = tok.apply_chat_template([{"role": "user", "content": args.prompt}], tokenize=False,
+                                       add_generation_prompt=True)
+    ids = tok(text, return_tensors="pt").input_ids
+    torch.manual_seed(args.seed)
+    out = model.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
+                         temperature=args.temperature if args.temperature > 0 else None,
+                         pad_token_id=tok.pad_token_id or tok.eos_token_id)
+    print(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="neuro-mar",
@@ -212,6 +306,67 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--max-tokens", type=int, default=64)
     pt.add_argument("--max-channels", type=int, default=128)
     pt.set_defaults(func=_cmd_plot_trace)
+
+    from .refine import PRESETS
+
+    r = sub.add_parser(
+        "refine", help="the main job: refine a dense teacher into a spiking SSM student (Stage 1 + Stage 2)",
+        description="MAR refinement. Stage 1: attention -> Discrete Mamba-2 (1a matrix orientation, 1b per-layer "
+                    "alignment, 1c end-to-end KL). Stage 2: a spiking neuron at the four projections of every layer, "
+                    "calibrated, distilled with SBDS. Writes the Stage-1 model and the spiking student (HF "
+                    "checkpoints), report.md/json and plots into --out. Without --data the teacher generates the "
+                    "training text from built-in prompts (cached). Multi-process: torchrun --nproc-per-node N "
+                    "$(which neuro-mar) refine ...")
+    r.add_argument("--out", required=True, metavar="DIR")
+    r.add_argument("--teacher", help="smollm2-135m (default), a local HF folder or a .gguf file")
+    r.add_argument("--preset", choices=sorted(PRESETS), default="quick",
+                   help="quick: <= 15 min on a 2-core CPU; gpu: one H200 in ~25 min; tiny: smoke test")
+    r.add_argument("--data", action="append", metavar="FILE",
+                   help=".txt, .jsonl, .parquet or a saved datasets folder (repeatable)")
+    r.add_argument("--text-field")
+    r.add_argument("--mix-generated", action="store_true", default=None, help="add teacher-generated text to --data")
+    r.add_argument("--neuron", help="registry name for the four sites (default atmn; see `neuro-mar neurons`)")
+    r.add_argument("--neuron-option", metavar="JSON", help='neuron options, e.g. \'{"T": 8, "tau": 0.5}\'')
+    r.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    for name, typ, hlp in [("seq_len", int, "tokens per training sequence"), ("generated_tokens", int, None),
+                           ("max_tokens", int, None), ("steps_1a", int, "matrix orientation steps (0 = skip)"),
+                           ("steps_1b", int, "per-layer alignment steps"), ("steps_1c", int, "end-to-end KL steps"),
+                           ("steps_2", int, "Stage-2 SBDS steps"), ("lr_1a", float, None), ("lr_1b", float, None),
+                           ("lr_1c", float, None), ("lr_2", float, None), ("micro_batch", int, None),
+                           ("grad_accum", int, None), ("warmup", int, None), ("seed", int, None),
+                           ("ckpt_every", int, None), ("eval_rows", int, None),
+                           ("alpha", float, "SBDS forward-KL weight (paper: 0.2)"),
+                           ("beta", float, "SBDS reverse-KL weight (paper: 0.7)"),
+                           ("gamma", float, "SBDS feature-alignment weight"), ("temperature", float, None),
+                           ("ce_weight", float, "add next-token cross-entropy"),
+                           ("calib_percentile", float, None)]:
+        r.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, help=hlp)
+    r.add_argument("--features", choices=["pre", "post", "both"], help="SBDS feature position (paper: pre)")
+    r.add_argument("--stage2-teacher", choices=["stage1", "teacher"], help="distil Stage 2 from (default stage1)")
+    r.set_defaults(func=_cmd_refine)
+
+    ev = sub.add_parser("eval", help="perplexity, agreement with a teacher, zero-shot multiple choice",
+                        description="Evaluate MODEL (a MAR checkpoint or a teacher spec): perplexity on --data, KL and "
+                                    "top-1 agreement with --teacher, and zero-shot acc/acc_norm on --tasks files "
+                                    "(ARC, PIQA, HellaSwag jsonl), scored as lm-evaluation-harness does.")
+    ev.add_argument("model", metavar="MODEL")
+    ev.add_argument("--data", metavar="FILE")
+    ev.add_argument("--teacher")
+    ev.add_argument("--tasks", action="append", metavar="FILE.jsonl")
+    ev.add_argument("--tokenizer", default="smollm2-135m")
+    ev.add_argument("--seq-len", type=int, default=256)
+    ev.add_argument("--max-tokens", type=int, default=65536)
+    ev.set_defaults(func=_cmd_eval)
+
+    g = sub.add_parser("generate", help="generate text with a model", description="Generate from MODEL.")
+    g.add_argument("model", metavar="MODEL")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--tokenizer", default="smollm2-135m")
+    g.set_defaults(func=_cmd_generate)
     return p
 
 

@@ -121,3 +121,25 @@ class DiscreteMamba2(nn.Module):
         sdtype = torch.float64 if dtype == torch.float64 else torch.float32
         return MixerState(torch.zeros(batch, self.conv_dim, self.d_conv - 1, device=device, dtype=dtype),
                           torch.zeros(batch, self.n_v_heads, self.headdim, self.d_state, device=device, dtype=sdtype))
+
+
+def mixing_matrix(mixer: DiscreteMamba2, u: torch.Tensor) -> torch.Tensor:
+    """The mixer's materialised sequence-mixing matrix ``[b, h, l, l]`` for input ``u [b, l, d]``:
+    ``M[t, s] = (C_t . B_s) * exp(-sum_{k=s+1..t} dt_k)`` for s <= t (0 above the diagonal) - the
+    SSD counterpart of an attention matrix (MOHAWK's matrix orientation aligns the two). The
+    spike sites and the D skip are left out."""
+    b, l, _ = u.shape
+    proj = mixer.in_proj(u)
+    xBC, _, A_log = torch.split(proj, [mixer.conv_dim, mixer.d_inner, mixer.n_v_heads], dim=-1)
+    xBC, _ = mixer._conv(xBC, None)
+    _, B, C = torch.split(xBC, [mixer.d_inner, mixer.n_qk_heads * mixer.d_state, mixer.n_qk_heads * mixer.d_state], dim=-1)
+    from .scan import expand_groups
+
+    B = expand_groups(B.reshape(b, l, mixer.n_qk_heads, mixer.d_state), mixer.n_v_heads).float()
+    C = expand_groups(C.reshape(b, l, mixer.n_qk_heads, mixer.d_state), mixer.n_v_heads).float()
+    dt = F.softplus(A_log.float() + mixer.dt_bias.float())  # [b, l, h]
+    cum = torch.cumsum(-dt, dim=1).permute(0, 2, 1)  # [b, h, l]
+    decay = cum[..., :, None] - cum[..., None, :]
+    mask = torch.tril(torch.ones(l, l, dtype=torch.bool, device=u.device))
+    decay = torch.exp(decay.masked_fill(~mask, float("-inf")))
+    return torch.einsum("bthn,bshn->bhts", C, B) * decay

@@ -1,0 +1,290 @@
+"""The MAR refinement pipeline (shared/docs/mar-method.md §1-3).
+
+Stage 1 (attention -> SSM), from ``llama_to_mar(teacher)``:
+  1a matrix orientation (optional): each mixer's materialised mixing matrix -> the layer's
+     attention matrix (MSE), per layer, on the teacher's inputs to that layer;
+  1b per-layer hidden-state alignment: each student block, fed the teacher's input to that layer,
+     learns the teacher layer's output (MSE; layers independent);
+  1c end-to-end distillation on logits (forward KL).
+Stage 2: the chosen neuron (default ``atmn``) at the four sites, thresholds calibrated on a batch,
+then SBDS from the Stage-1 model (or the original teacher).
+
+Each sub-stage has its own step budget; 0 skips it. Output folder: ``stage1/`` and ``student/``
+(Hugging Face checkpoints with the tokenizer), ``report.md``, ``report.json``, plots,
+``metrics.jsonl``, ``checkpoints/`` (resume with the same command plus ``--resume``).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..convert import llama_to_mar
+from ..models import SITE_KINDS
+from ..ssm.discrete_mamba2 import mixing_matrix
+from .data import DataError, read_texts, split_heldout, teacher_generated_texts, tokenize_and_pack
+from .losses import feature_loss, sbds_logit_loss
+from .trainer import TrainConfig, Trainer, init_distributed, world
+
+
+@dataclass
+class RefineConfig:
+    teacher: str = "smollm2-135m"
+    data: list = field(default_factory=list)
+    text_field: str = "text"
+    generated_tokens: int = 16384  # teacher-generated default data (and added to --data when > 0 and --mix)
+    mix_generated: bool = False
+    seq_len: int = 128
+    max_tokens: int | None = None
+    heldout_fraction: float = 0.1
+    neuron: str = "atmn"
+    neuron_options: dict = field(default_factory=dict)
+    calib_percentile: float = 99.9
+    stage2_teacher: str = "stage1"  # or "teacher"
+    alpha: float = 0.2
+    beta: float = 0.7
+    gamma: float = 0.0
+    temperature: float = 1.0
+    features: str = "pre"
+    ce_weight: float = 0.0
+    steps_1a: int = 0
+    steps_1b: int = 30
+    steps_1c: int = 20
+    steps_2: int = 40
+    lr_1a: float = 1e-3
+    lr_1b: float = 1e-3
+    lr_1c: float = 3e-4
+    lr_2: float = 3e-4
+    micro_batch: int = 4
+    grad_accum: int = 1
+    warmup: int = 5
+    seed: int = 0
+    ckpt_every: int = 10
+    eval_rows: int = 16
+    energy_contexts: tuple = (512, 4096)
+    dtype: str = "float32"
+
+
+PRESETS = {
+    # a fresh 2-core CPU machine, at most 15 minutes with the default teacher
+    "quick": dict(seq_len=128, generated_tokens=12288, steps_1a=0, steps_1b=24, steps_1c=16, steps_2=30,
+                  micro_batch=4, ckpt_every=10, eval_rows=12),
+    # one H200 within 25 minutes (bf16 autocast, fused kernels on CUDA)
+    "gpu": dict(seq_len=1024, generated_tokens=262144, steps_1a=0, steps_1b=400, steps_1c=600, steps_2=1500,
+                micro_batch=16, grad_accum=1, ckpt_every=200, eval_rows=64, lr_1b=5e-4, lr_1c=2e-4, lr_2=2e-4,
+                warmup=50),
+    # the smallest end-to-end run (tests, smoke checks)
+    "tiny": dict(seq_len=32, generated_tokens=2048, steps_1a=2, steps_1b=3, steps_1c=3, steps_2=3, micro_batch=2,
+                 ckpt_every=2, eval_rows=2, energy_contexts=(64,)),
+}
+
+
+class RefineError(ValueError):
+    pass
+
+
+# ---------------------------------------------------------------------------------------------
+# stage losses
+# ---------------------------------------------------------------------------------------------
+def _teacher_layer_io(teacher, ids):
+    """[(input, output)] of every teacher decoder layer (pre-norm residual stream)."""
+    io, hooks = [], []
+    for layer in teacher.model.layers:
+        hooks.append(layer.register_forward_hook(
+            lambda mod, args, out: io.append((args[0].detach(), (out[0] if isinstance(out, tuple) else out).detach()))))
+    try:
+        with torch.no_grad():
+            teacher(input_ids=ids)
+    finally:
+        for h in hooks:
+            h.remove()
+    return io
+
+
+def loss_1a(student, teacher, ids):
+    """Matrix orientation: MSE between each mixer's mixing matrix and the layer's attention matrix."""
+    with torch.no_grad():
+        out = teacher(input_ids=ids, output_attentions=True, output_hidden_states=True)
+    terms = []
+    for l, layer in enumerate(student.model.layers):
+        u = layer.input_layernorm(out.hidden_states[l])
+        terms.append(F.mse_loss(mixing_matrix(layer.mixer, u), out.attentions[l].float()))
+    return torch.stack(terms).mean()
+
+
+def loss_1b(student, teacher, ids):
+    """Per-layer alignment: each block maps the teacher's layer input to the teacher's layer output.
+    Each layer's squared error is relative to the size of what the block adds (||y - x||^2), so
+    layers count alike whatever the scale of the residual stream (SmolLM2's reaches the thousands)."""
+    io = _teacher_layer_io(teacher, ids)
+    terms = []
+    for layer, (x, y) in zip(student.model.layers, io):
+        err = (layer(x)[0].float() - y.float()).pow(2).mean()
+        terms.append(err / (y.float() - x.float()).pow(2).mean().clamp_min(1e-12))
+    return torch.stack(terms).mean()
+
+
+def loss_1c(student, teacher, ids):
+    with torch.no_grad():
+        t = teacher(input_ids=ids).logits
+    return sbds_logit_loss(student(input_ids=ids).logits, t, alpha=1.0, beta=0.0)
+
+
+def make_loss_2(cfg: RefineConfig):
+    def loss_2(student, teacher, ids):
+        want_h = cfg.gamma > 0
+        with torch.no_grad():
+            t = teacher(input_ids=ids, output_hidden_states=want_h)
+        s = student(input_ids=ids, output_hidden_states=want_h)
+        loss = sbds_logit_loss(s.logits, t.logits, cfg.alpha, cfg.beta, cfg.temperature)
+        if want_h:
+            L = len(student.model.layers)
+            norms = {l: (student.model.layers[l].input_layernorm, teacher.model.layers[l].input_layernorm)
+                     for l in range(1, L)}
+            loss = loss + cfg.gamma * feature_loss(s.hidden_states, t.hidden_states, list(range(1, L)), cfg.features, norms)
+        if cfg.ce_weight:
+            loss = loss + cfg.ce_weight * F.cross_entropy(s.logits[:, :-1].reshape(-1, s.logits.shape[-1]).float(),
+                                                          ids[:, 1:].reshape(-1))
+        return loss
+    return loss_2
+
+
+class _Bound(torch.nn.Module):
+    """Pairs a student with a frozen teacher so the Trainer sees one module (DDP wraps the student)."""
+
+    def __init__(self, student, teacher, fn):
+        super().__init__()
+        self.student = student
+        self.fn = fn
+        object.__setattr__(self, "teacher", teacher)  # not a submodule: frozen, not checkpointed
+
+    def forward(self, ids):
+        return self.fn(self.student, self.teacher, ids)
+
+
+# ---------------------------------------------------------------------------------------------
+# the pipeline
+# ---------------------------------------------------------------------------------------------
+def prepare(cfg: RefineConfig, progress: bool = True):
+    """Load the teacher and the data and check everything before anything is written.
+    Returns (teacher, tokenizer, train rows, held-out rows)."""
+    from ..teachers import load_teacher
+
+    if cfg.neuron not in __import__("neuro_mar").neurons.available():
+        raise RefineError(f"unknown neuron {cfg.neuron!r}; see `neuro-mar neurons`")
+    for p in cfg.data:
+        read_texts(p, cfg.text_field)  # raises DataError with the file name
+    try:
+        teacher, tok = load_teacher(cfg.teacher)
+    except FileNotFoundError as err:
+        raise RefineError(str(err)) from None
+    try:
+        llama_to_mar(teacher)  # refuses a teacher that is not Llama-shaped, before anything is written
+    except ValueError as err:
+        raise RefineError(str(err)) from None
+    if cfg.steps_1a > 0:  # matrix orientation needs the attention probabilities
+        teacher.set_attn_implementation("eager")
+    texts = []
+    for p in cfg.data:
+        texts += read_texts(p, cfg.text_field)
+    if not cfg.data or cfg.mix_generated:
+        texts += teacher_generated_texts(teacher, tok, cfg.generated_tokens, progress=progress, seed=cfg.seed)
+    rows = tokenize_and_pack(texts, tok, cfg.seq_len, cfg.max_tokens)
+    train, held = split_heldout(rows, cfg.heldout_fraction)
+    if train.shape[0] < cfg.micro_batch:
+        raise DataError(f"{train.shape[0]} training sequences of {cfg.seq_len} tokens are fewer than one micro-batch "
+                        f"({cfg.micro_batch}); give more data or a smaller --seq-len")
+    return teacher.float(), tok, train, held[: cfg.eval_rows]
+
+
+def _tcfg(cfg: RefineConfig, steps: int, lr: float) -> TrainConfig:
+    return TrainConfig(steps=steps, lr=lr, warmup=min(cfg.warmup, max(steps - 1, 0)), micro_batch=cfg.micro_batch,
+                       grad_accum=cfg.grad_accum, seed=cfg.seed, ckpt_every=cfg.ckpt_every)
+
+
+def _save_model(model, tok, path: Path) -> None:
+    """save_pretrained into a temporary folder, then rename (atomic)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def run_refine(cfg: RefineConfig, out: str | Path, resume: bool = False, progress: bool = True) -> dict:
+    """Run Stage 1 and Stage 2, evaluate, and write the report. Returns the report dict."""
+    from ..models import MARForCausalLM
+    from .report import build_report
+
+    out = Path(out)
+    distributed = init_distributed()
+    rank, _ = world()
+    if out.exists() and any(out.iterdir()) and not resume:
+        raise RefineError(f"output folder {out} exists and is not empty; pass --resume to continue it or choose a new --out")
+    t_start = time.time()
+    teacher, tok, train, held = prepare(cfg, progress=progress and rank == 0)
+    torch.manual_seed(cfg.seed)
+    student = llama_to_mar(teacher)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "refine_config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    if distributed:
+        torch.distributed.barrier()
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    teacher.to(device).requires_grad_(False)
+    student.to(device)
+    timings, tokens = {}, {}
+
+    def stage(name, model, teacher_model, fn, steps, lr):
+        if steps <= 0:
+            return
+        t0 = time.time()
+        trainer = Trainer(_Bound(model, teacher_model, fn), lambda m, b: m(b), train, _tcfg(cfg, steps, lr), out,
+                          name, progress=progress, device=device)
+        if resume:
+            trainer.try_resume()
+        trainer.run()
+        timings[name] = time.time() - t0
+        tokens[name] = steps * cfg.micro_batch * cfg.grad_accum * train.shape[1] * world()[1]
+
+    stage1_dir = out / "stage1"
+    if resume and (stage1_dir / "config.json").is_file():
+        student = MARForCausalLM.from_pretrained(stage1_dir).to(device)
+    else:
+        stage("stage1a", student, teacher, loss_1a, cfg.steps_1a, cfg.lr_1a)
+        stage("stage1b", student, teacher, loss_1b, cfg.steps_1b, cfg.lr_1b)
+        stage("stage1c", student, teacher, loss_1c, cfg.steps_1c, cfg.lr_1c)
+        if rank == 0:
+            _save_model(student, tok, stage1_dir)
+    stage1 = student.eval()
+    spiking = copy.deepcopy(stage1)
+    spiking.set_neurons(cfg.neuron, **cfg.neuron_options)
+    calib = train[: cfg.micro_batch].to(device)
+    spiking.calibrate_thresholds([calib], percentile=cfg.calib_percentile)
+    before = copy.deepcopy(spiking).eval()
+    stage2_teacher = stage1 if cfg.stage2_teacher == "stage1" else teacher
+    stage1.requires_grad_(False)
+    stage("stage2", spiking, stage2_teacher, make_loss_2(cfg), cfg.steps_2, cfg.lr_2)
+    spiking.eval()
+    report = None
+    if rank == 0:
+        _save_model(spiking, tok, out / "student")
+        report = build_report(cfg, out, teacher, stage1, before, spiking, tok, held, timings, tokens,
+                              time.time() - t_start)
+    if distributed:
+        torch.distributed.barrier()
+    return report

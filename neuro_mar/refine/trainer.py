@@ -1,0 +1,225 @@
+"""A small, exact trainer: AdamW with warm-up and cosine decay, gradient accumulation, bf16
+autocast on GPU, seeded data order, atomic checkpoints and bit-exact resume, progress bar with
+tokens/s, JSON-lines metrics, and data parallelism through torch.distributed (torchrun).
+
+Data order: epoch e visits the rows in ``randperm(n, seed + e)``; a global batch is
+``micro_batch * grad_accum * world_size`` consecutive rows of that order, rank r taking its slice,
+so the order is a function of (seed, step) alone and a resumed run sees exactly what an
+uninterrupted one would.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import random
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    lr: float = 3e-4
+    warmup: int = 10
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.0
+    micro_batch: int = 4
+    grad_accum: int = 1
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    ckpt_every: int = 50
+    bf16: bool = True  # autocast on CUDA only
+
+    def validate(self) -> None:
+        for k in ("steps", "micro_batch", "grad_accum", "ckpt_every"):
+            if getattr(self, k) < (0 if k == "steps" else 1):
+                raise ValueError(f"TrainConfig.{k} must be positive, got {getattr(self, k)}")
+        if self.lr <= 0:
+            raise ValueError(f"TrainConfig.lr must be > 0, got {self.lr}")
+
+
+def lr_lambda(cfg: TrainConfig):
+    def f(step: int) -> float:
+        if cfg.warmup and step < cfg.warmup:
+            return (step + 1) / cfg.warmup
+        span = max(1, cfg.steps - cfg.warmup)
+        progress = min(1.0, (step - cfg.warmup) / span)
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return f
+
+
+def world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def init_distributed() -> bool:
+    """Initialise torch.distributed from torchrun's environment (gloo on CPU, nccl on CUDA)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or (dist.is_available() and dist.is_initialized()):
+        return dist.is_available() and dist.is_initialized()
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend)
+    return True
+
+
+def atomic_torch_save(obj, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+@functools.lru_cache(maxsize=8)
+def _epoch_order(n_rows: int, seed: int, epoch: int) -> torch.Tensor:
+    return torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed * 1000003 + epoch))
+
+
+def batch_rows(n_rows: int, step: int, micro: int, cfg: TrainConfig, rank: int, world_size: int) -> torch.Tensor:
+    """Row indices of micro-batch ``micro`` of ``step`` for ``rank`` (see module docstring)."""
+    per_step = cfg.micro_batch * cfg.grad_accum * world_size
+    start = step * per_step + (micro * world_size + rank) * cfg.micro_batch
+    idx = []
+    for pos in range(start, start + cfg.micro_batch):
+        epoch, off = divmod(pos, n_rows)
+        idx.append(int(_epoch_order(n_rows, cfg.seed, epoch)[off]))
+    return torch.tensor(idx, dtype=torch.long)
+
+
+class Trainer:
+    """Trains ``module`` (its parameters with requires_grad) on ``rows [n, L]`` by minimising
+    ``loss_fn(module, batch) -> scalar``. One trainer per stage; ``name`` names its checkpoint."""
+
+    def __init__(self, module: torch.nn.Module, loss_fn: Callable, rows: torch.Tensor, cfg: TrainConfig,
+                 out_dir: Path | None, name: str, progress: bool = True, device=None):
+        cfg.validate()
+        self.module, self.loss_fn, self.rows, self.cfg, self.name = module, loss_fn, rows, cfg, name
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.rank, self.world = world()
+        self.device = device or next(module.parameters()).device
+        self.params = [p for p in module.parameters() if p.requires_grad]
+        if not self.params:
+            raise ValueError(f"stage {name}: nothing to train (no parameter requires grad)")
+        self.model = module
+        if self.world > 1:
+            self.model = torch.nn.parallel.DistributedDataParallel(
+                module, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=True)
+        self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(cfg))
+        self.step = 0
+        self.progress = progress and self.rank == 0
+        self.history: list[dict] = []
+
+    # -- checkpoints --------------------------------------------------------------------------
+    @property
+    def ckpt_path(self) -> Path | None:
+        return self.out_dir / "checkpoints" / f"{self.name}.pt" if self.out_dir else None
+
+    def save(self) -> None:
+        if self.ckpt_path is None or self.rank != 0:
+            return
+        atomic_torch_save({"step": self.step, "module": self.module.state_dict(), "opt": self.opt.state_dict(),
+                           "sched": self.sched.state_dict(), "history": self.history,
+                           "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
+                                   "numpy": np.random.get_state(),
+                                   "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+                           "cfg": asdict(self.cfg)}, self.ckpt_path)
+
+    def try_resume(self) -> bool:
+        p = self.ckpt_path
+        if p is None or not p.is_file():
+            return False
+        state = torch.load(p, map_location="cpu", weights_only=False)
+        if state["cfg"] != asdict(self.cfg):
+            raise ValueError(f"checkpoint {p} was written with a different training configuration "
+                             f"({state['cfg']}); resume with the same options or use a new --out")
+        self.module.load_state_dict(state["module"])
+        self.opt.load_state_dict(state["opt"])
+        self.sched.load_state_dict(state["sched"])
+        self.step, self.history = state["step"], state["history"]
+        torch.set_rng_state(state["rng"]["torch"])
+        random.setstate(state["rng"]["python"])
+        np.random.set_state(state["rng"]["numpy"])
+        if state["rng"]["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        return True
+
+    # -- training ---------------------------------------------------------------------------------
+    def _metrics(self, rec: dict) -> None:
+        self.history.append(rec)
+        if self.out_dir is not None and self.rank == 0:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            with open(self.out_dir / "metrics.jsonl", "a") as fh:
+                fh.write(json.dumps(rec) + "\n")
+
+    def run(self, stop_after: int | None = None) -> list[dict]:
+        """Train until ``cfg.steps`` (or ``stop_after`` more steps, for tests of resume)."""
+        cfg = self.cfg
+        self.module.train()
+        bar = None
+        if self.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=cfg.steps, initial=self.step, desc=self.name, unit="step", dynamic_ncols=True)
+        autocast = self.device.type == "cuda" and cfg.bf16
+        target = cfg.steps if stop_after is None else min(cfg.steps, self.step + stop_after)
+        while self.step < target:
+            t0 = time.perf_counter()
+            self.opt.zero_grad(set_to_none=True)
+            loss_sum = torch.zeros((), device=self.device)
+            tokens = 0
+            for micro in range(cfg.grad_accum):
+                idx = batch_rows(self.rows.shape[0], self.step, micro, cfg, self.rank, self.world)
+                batch = self.rows[idx].to(self.device)
+                tokens += batch.numel() * self.world
+                sync = micro == cfg.grad_accum - 1 or self.world == 1
+                ctx = self.model.no_sync() if (self.world > 1 and not sync) else _null()
+                with ctx, torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+                    loss = self.loss_fn(self.model, batch) / cfg.grad_accum
+                loss.backward()
+                loss_sum += loss.detach()
+            if self.world > 1:
+                dist.all_reduce(loss_sum)
+                loss_sum /= self.world
+            norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm) if cfg.max_grad_norm else None
+            self.opt.step()
+            self.sched.step()
+            self.step += 1
+            dt = time.perf_counter() - t0
+            rec = {"stage": self.name, "step": self.step, "loss": float(loss_sum), "lr": self.sched.get_last_lr()[0],
+                   "tokens": tokens, "tokens_per_s": tokens / dt, "seconds": dt,
+                   "grad_norm": float(norm) if norm is not None else None}
+            self._metrics(rec)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}")
+            if self.step % cfg.ckpt_every == 0 or self.step == cfg.steps:
+                self.save()
+        if bar is not None:
+            bar.close()
+        return self.history
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False

@@ -1,0 +1,255 @@
+"""The refinement pipeline on tiny random teachers: stage losses, exact resume, data-parallel
+equivalence, bad inputs, an end-to-end run, and the zero-shot scorer."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+from neuro_mar.cli import main
+from neuro_mar.convert import llama_to_mar
+from neuro_mar.models import SITE_KINDS
+from neuro_mar.refine import (RefineConfig, TrainConfig, Trainer, load_multiple_choice, sbds_logit_loss,
+                              score_multiple_choice)
+from neuro_mar.refine.pipeline import _Bound, loss_1a, loss_1b, loss_1c, make_loss_2
+from tiny import tiny_llama
+
+WORDS = [f"w{i}" for i in range(90)]
+
+
+def _tokenizer():
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("teacher")
+    tiny_llama().save_pretrained(d)
+    _tokenizer().save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory):
+    g = torch.Generator().manual_seed(0)
+    # a text with structure (a repeating pattern with noise) so there is something to learn
+    words = [WORDS[(i * 7 + int(torch.randint(0, 3, (1,), generator=g))) % 90] for i in range(3000)]
+    p = tmp_path_factory.mktemp("data") / "train.txt"
+    p.write_text(" ".join(words))
+    return p
+
+
+def _fit(fn, student, teacher, batch, steps=15, lr=3e-3):
+    bound = _Bound(student, teacher, fn)
+    params = [p for p in student.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=lr)
+    with torch.no_grad():
+        first = float(bound(batch))
+    for _ in range(steps):
+        opt.zero_grad()
+        bound(batch).backward()
+        opt.step()
+    with torch.no_grad():
+        return first, float(bound(batch))
+
+
+@pytest.mark.parametrize("stage", ["1a", "1b", "1c", "2"])
+def test_each_stage_lowers_its_own_loss(stage):
+    torch.manual_seed(0)
+    teacher = tiny_llama()
+    teacher.set_attn_implementation("eager")
+    teacher.requires_grad_(False)
+    student = llama_to_mar(teacher)
+    batch = torch.randint(3, 97, (4, 16))
+    if stage == "2":
+        stage1 = student
+        with torch.no_grad():  # a random tiny model is near-uniform: sharpen it so spikes matter
+            stage1.lm_head.weight.mul_(40)
+        stage1.requires_grad_(False)
+        import copy
+
+        student = copy.deepcopy(stage1).requires_grad_(True)
+        student.set_neurons("atmn", T=2)  # coarse spikes: a clear gap to close
+        student.calibrate_thresholds([batch])
+        fn, teacher, lr = make_loss_2(RefineConfig(gamma=0.1)), stage1, 3e-4
+    else:
+        fn, lr = {"1a": loss_1a, "1b": loss_1b, "1c": loss_1c}[stage], 3e-3
+    first, last = _fit(fn, student, teacher, batch, lr=lr)
+    assert last < 0.8 * first, (stage, first, last)
+
+
+def _tiny_trainer(out, steps, seed=0):
+    torch.manual_seed(seed)
+    teacher = tiny_llama()
+    teacher.requires_grad_(False)
+    student = llama_to_mar(teacher)
+    rows = torch.randint(3, 97, (10, 12), generator=torch.Generator().manual_seed(1))
+    cfg = TrainConfig(steps=steps, lr=1e-3, warmup=2, micro_batch=2, grad_accum=2, ckpt_every=3, seed=3)
+    return Trainer(_Bound(student, teacher, loss_1c), lambda m, b: m(b), rows, cfg, out, "s", progress=False), student
+
+
+def test_resume_reproduces_an_uninterrupted_run_exactly(tmp_path):
+    full, s_full = _tiny_trainer(tmp_path / "a", 7)
+    h_full = full.run()
+    part, _ = _tiny_trainer(tmp_path / "b", 7)
+    part.run(stop_after=3)  # "crash" after the checkpoint at step 3
+    resumed, s_res = _tiny_trainer(tmp_path / "b", 7)
+    assert resumed.try_resume() and resumed.step == 3
+    h_res = resumed.run()
+    assert [r["loss"] for r in h_res] == [r["loss"] for r in h_full]
+    for (n, p), (_, q) in zip(s_full.state_dict().items(), s_res.state_dict().items()):
+        assert torch.equal(p, q), n
+
+
+DDP_SCRIPT = r"""
+import json, os, sys, torch
+sys.path.insert(0, {tests!r})
+from neuro_mar.refine.trainer import TrainConfig, Trainer, init_distributed, world
+from neuro_mar.refine.pipeline import _Bound, loss_1c
+from neuro_mar.convert import llama_to_mar
+from tiny import tiny_llama
+init_distributed()
+torch.manual_seed(0)
+teacher = tiny_llama(); teacher.requires_grad_(False)
+student = llama_to_mar(teacher)
+rows = torch.randint(3, 97, (16, 12), generator=torch.Generator().manual_seed(1))
+mb = int(sys.argv[1])
+cfg = TrainConfig(steps=5, lr=1e-3, warmup=1, micro_batch=mb, grad_accum=1, seed=2, ckpt_every=100)
+h = Trainer(_Bound(student, teacher, loss_1c), lambda m, b: m(b), rows, cfg, None, "ddp", progress=False).run()
+if world()[0] == 0:
+    print("LOSSES", json.dumps([r["loss"] for r in h]))
+"""
+
+
+def test_two_process_gloo_matches_one_process(tmp_path):
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP_SCRIPT.format(tests=str(Path(__file__).parent)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, str(script), "4"], capture_output=True, text=True, timeout=600, env=env)
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                          "29617", str(script), "2"], capture_output=True, text=True, timeout=600, env=env)
+    assert one.returncode == 0, one.stderr[-2000:]
+    assert two.returncode == 0, two.stderr[-3000:]
+    l1 = json.loads(one.stdout.split("LOSSES")[-1])
+    l2 = json.loads(two.stdout.split("LOSSES")[-1])
+    assert len(l1) == len(l2) == 5
+    for a, b in zip(l1, l2):
+        assert abs(a - b) <= 1e-5 * max(1.0, abs(a)), (l1, l2)
+
+
+@pytest.mark.parametrize("case", ["missing", "empty", "not_llama", "seq_too_long", "bad_neuron"])
+def test_bad_input_clear_error_and_no_output_folder(case, tmp_path, teacher_dir, data_file):
+    out = tmp_path / "run"
+    args = ["refine", "--out", str(out), "--preset", "tiny", "--teacher", str(teacher_dir), "--data", str(data_file)]
+    if case == "missing":
+        args[-1] = str(tmp_path / "nope.txt")
+        match = "does not exist"
+    elif case == "empty":
+        (tmp_path / "empty.txt").write_text("  \n")
+        args[-1] = str(tmp_path / "empty.txt")
+        match = "empty"
+    elif case == "not_llama":
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        gdir = tmp_path / "gpt2"
+        GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=93)).save_pretrained(gdir)
+        _tokenizer().save_pretrained(gdir)
+        args[args.index("--teacher") + 1] = str(gdir)
+        match = "not a Llama-shaped"
+    elif case == "seq_too_long":
+        args += ["--seq-len", "100000"]
+        match = "fewer than one sequence"
+    else:
+        args += ["--neuron", "nope"]
+        match = "unknown neuron"
+    with pytest.raises(SystemExit, match=match):
+        main(args)
+    assert not out.exists()
+
+
+def test_end_to_end_tiny_run_and_resume(tmp_path, teacher_dir, data_file):
+    out = tmp_path / "run"
+    assert main(["refine", "--out", str(out), "--preset", "tiny", "--teacher", str(teacher_dir),
+                 "--data", str(data_file), "--gamma", "0.1"]) == 0
+    for p in ("stage1/config.json", "student/config.json", "student/tokenizer.json", "report.json", "report.md",
+              "loss_curves.png", "firing_rates.png", "metrics.jsonl"):
+        assert (out / p).is_file(), p
+    rep = json.loads((out / "report.json").read_text())
+    assert set(rep["models"]) == {"teacher", "stage1_ssm", "spiking_before_stage2", "spiking_student"}
+    assert 0 < rep["mean_firing_rate"] < 1 and rep["energy_per_token"]["64"]["45nm-fp32"]["ratio_teacher"] > 0
+    stages = {json.loads(l)["stage"] for l in (out / "metrics.jsonl").read_text().splitlines()}
+    assert stages == {"stage1a", "stage1b", "stage1c", "stage2"}
+    cfg = json.loads((out / "student" / "config.json").read_text())
+    assert all(cfg["neurons"][k] == "atmn" for k in SITE_KINDS)
+    with pytest.raises(SystemExit, match="not empty"):
+        main(["refine", "--out", str(out), "--preset", "tiny", "--teacher", str(teacher_dir), "--data", str(data_file)])
+    assert main(["refine", "--out", str(out), "--preset", "tiny", "--teacher", str(teacher_dir), "--data",
+                 str(data_file), "--gamma", "0.1", "--resume"]) == 0
+    # eval and generate on the result
+    assert main(["eval", str(out / "student"), "--data", str(data_file), "--teacher", str(teacher_dir),
+                 "--seq-len", "32", "--max-tokens", "400"]) == 0
+    assert main(["generate", str(out / "student"), "--prompt", "w1 w2 w3", "--max-new-tokens", "4"]) == 0
+
+
+def test_multiple_choice_scorer_matches_brute_force(tmp_path):
+    teacher = tiny_llama()
+    tok = _tokenizer()
+    items_jsonl = tmp_path / "arc.jsonl"
+    rows = []
+    g = torch.Generator().manual_seed(0)
+    for i in range(12):
+        q = " ".join(WORDS[int(j)] for j in torch.randint(0, 90, (5,), generator=g))
+        choices = [" ".join(WORDS[int(j)] for j in torch.randint(0, 90, (int(k),), generator=g)) for k in (1, 2, 3, 2)]
+        rows.append({"id": str(i), "question": q, "choices": {"text": choices, "label": list("ABCD")}, "answerKey": "C"})
+    items_jsonl.write_text("\n".join(json.dumps(r) for r in rows))
+    items = load_multiple_choice(items_jsonl)
+    got = score_multiple_choice(teacher, tok, items, batch=5)
+    acc = acc_norm = 0
+    with torch.no_grad():
+        for it in items:
+            lls = []
+            for ch in it["choices"]:
+                ctx = tok(it["context"], add_special_tokens=False).input_ids
+                full = tok(it["context"] + " " + ch, add_special_tokens=False).input_ids
+                logp = torch.log_softmax(teacher(torch.tensor([full])).logits[0].float(), -1)
+                lls.append(sum(logp[p - 1, full[p]].item() for p in range(len(ctx), len(full))))
+            acc += int(max(range(4), key=lambda j: lls[j]) == it["gold"])
+            acc_norm += int(max(range(4), key=lambda j: lls[j] / len(it["choices"][j])) == it["gold"])
+    assert got["acc"] == acc / 12 and got["acc_norm"] == acc_norm / 12
+
+
+def test_multiple_choice_formats(tmp_path):
+    p = tmp_path / "piqa.jsonl"
+    p.write_text(json.dumps({"goal": "open a jar", "sol1": "twist", "sol2": "pull", "label": 1}))
+    assert load_multiple_choice(p)[0] == {"context": "Question: open a jar\nAnswer:", "choices": ["twist", "pull"], "gold": 1}
+    h = tmp_path / "hs.jsonl"
+    h.write_text(json.dumps({"ctx": "A man [title] sits.", "endings": ["a", "b [x]"], "label": 0, "activity_label": "Sit"}))
+    it = load_multiple_choice(h)[0]
+    assert it["context"] == "Sit: A man. sits." and it["choices"] == ["a", "b "]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"foo": 1}))
+    with pytest.raises(ValueError, match="unknown multiple-choice format"):
+        load_multiple_choice(bad)
+
+
+def test_sbds_loss_matches_definition():
+    s, t = torch.randn(3, 5, 11), torch.randn(3, 5, 11)
+    p, q = torch.softmax(t, -1), torch.softmax(s, -1)
+    fkl = (p * (p.log() - q.log())).sum(-1).mean()
+    rkl = (q * (q.log() - p.log())).sum(-1).mean()
+    torch.testing.assert_close(sbds_logit_loss(s, t, 0.2, 0.7, chunk=4), 0.2 * fkl + 0.7 * rkl)
+    mask = torch.zeros(3, 5, dtype=torch.bool)
+    mask[0, :2] = True
+    p2, q2 = p[0, :2], q[0, :2]
+    ref = (0.2 * (p2 * (p2.log() - q2.log())).sum(-1) + 0.7 * (q2 * (q2.log() - p2.log())).sum(-1)).mean()
+    torch.testing.assert_close(sbds_logit_loss(s, t, 0.2, 0.7, mask=mask), ref)
+    torch.testing.assert_close(sbds_logit_loss(s, t, 1, 0, temperature=2.0),
+                               4 * (torch.softmax(t / 2, -1) * (torch.log_softmax(t / 2, -1) - torch.log_softmax(s / 2, -1))).sum(-1).mean())
