@@ -64,6 +64,17 @@ def load_student(spec: str, neuron: str | None):
     return model, tok
 
 
+def _model_and_tokenizer(spec: str, neuron: str | None, tokenizer_spec: str, mar: bool = False):
+    """A MAR model (``mar``: teachers converted) or any model, with the tokenizer of
+    ``tokenizer_spec`` when MODEL has none."""
+    model, tok = load_student(spec, neuron) if (mar or neuron or _is_mar_checkpoint(spec)) else _load_any(spec)
+    if tok is None:
+        from .teachers import load_teacher
+
+        _, tok = load_teacher(tokenizer_spec)
+    return model, tok
+
+
 def _cmd_energy(args) -> int:
     import torch
 
@@ -77,11 +88,7 @@ def _cmd_energy(args) -> int:
         except (ValueError, FileNotFoundError) as err:
             raise SystemExit(f"error: {err}") from None
     torch.manual_seed(0)
-    model, tok = load_student(args.model, args.neuron)
-    if tok is None:
-        from .teachers import load_teacher
-
-        _, tok = load_teacher(args.tokenizer)
+    model, tok = _model_and_tokenizer(args.model, args.neuron, args.tokenizer, mar=True)
     batches = _token_batches(tok, args.data, args.seq_len, args.max_tokens)
     if args.neuron:  # a freshly set neuron needs thresholds from the data
         model.calibrate_thresholds(batches[:1])
@@ -112,11 +119,7 @@ def _cmd_trace(args) -> int:
 
     if (args.text is None) == (args.data is None):
         raise SystemExit("error: give exactly one of --text or --data")
-    model, tok = load_student(args.model, args.neuron)
-    if tok is None:
-        from .teachers import load_teacher
-
-        _, tok = load_teacher(args.tokenizer)
+    model, tok = _model_and_tokenizer(args.model, args.neuron, args.tokenizer, mar=True)
     if args.text is not None:
         import torch
 
@@ -194,11 +197,7 @@ def _cmd_eval(args) -> int:
     from .refine import load_multiple_choice, perplexity, score_multiple_choice
     from .refine.data import DataError, read_texts, tokenize_and_pack
 
-    model, tok = load_student(args.model, None) if _is_mar_checkpoint(args.model) else _load_any(args.model)
-    if tok is None:
-        from .teachers import load_teacher
-
-        _, tok = load_teacher(args.tokenizer)
+    model, tok = _model_and_tokenizer(args.model, None, args.tokenizer)
     results = {}
     try:
         if args.data:
@@ -230,11 +229,7 @@ def _load_any(spec: str):
 def _cmd_generate(args) -> int:
     import torch
 
-    model, tok = _load_any(args.model)
-    if tok is None:
-        from .teachers import load_teacher
-
-        _, tok = load_teacher(args.tokenizer)
+    model, tok = _model_and_tokenizer(args.model, None, args.tokenizer)
     text = args.prompt
     if args.chat and tok.chat_template:
         text = tok.apply_chat_template([{"role": "user", "content": args.prompt}], tokenize=False,
@@ -328,6 +323,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--neuron", help="registry name for the four sites (default atmn; see `neuro-mar neurons`)")
     r.add_argument("--neuron-option", metavar="JSON", help='neuron options, e.g. \'{"T": 8, "tau": 0.5}\'')
     r.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    r.add_argument("--fsdp", action="store_true", default=None,
+                   help="under torchrun: shard parameters, gradients and optimizer state (FSDP2) instead of DDP")
     for name, typ, hlp in [("seq_len", int, "tokens per training sequence"), ("generated_tokens", int, None),
                            ("max_tokens", int, None), ("steps_1a", int, "matrix orientation steps (0 = skip)"),
                            ("steps_1b", int, "per-layer alignment steps"), ("steps_1c", int, "end-to-end KL steps"),

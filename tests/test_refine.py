@@ -121,26 +121,36 @@ torch.manual_seed(0)
 teacher = tiny_llama(); teacher.requires_grad_(False)
 student = llama_to_mar(teacher)
 rows = torch.randint(3, 97, (16, 12), generator=torch.Generator().manual_seed(1))
-mb = int(sys.argv[1])
-cfg = TrainConfig(steps=5, lr=1e-3, warmup=1, micro_batch=mb, grad_accum=1, seed=2, ckpt_every=100)
-h = Trainer(_Bound(student, teacher, loss_1c), lambda m, b: m(b), rows, cfg, None, "ddp", progress=False).run()
+mb, fsdp = int(sys.argv[1]), sys.argv[2] == "fsdp"
+cfg = TrainConfig(steps=5, lr=1e-3, warmup=1, micro_batch=mb, grad_accum=1, seed=2, ckpt_every=100, fsdp=fsdp)
+tr = Trainer(_Bound(student, teacher, loss_1c), lambda m, b: m(b), rows, cfg, None, "ddp", progress=False,
+             shard_units=lambda b: list(b.student.model.layers))
+h = tr.run()
+final = tr.result().student.lm_head.weight.sum().item()
 if world()[0] == 0:
-    print("LOSSES", json.dumps([r["loss"] for r in h]))
+    print("LOSSES", json.dumps([r["loss"] for r in h] + [final]))
 """
 
 
-def test_two_process_gloo_matches_one_process(tmp_path):
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_process_gloo_matches_one_process(tmp_path, mode):
     script = tmp_path / "ddp.py"
     script.write_text(DDP_SCRIPT.format(tests=str(Path(__file__).parent)))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    one = subprocess.run([sys.executable, str(script), "4"], capture_output=True, text=True, timeout=600, env=env)
+    one = subprocess.run([sys.executable, str(script), "4", "none"], capture_output=True, text=True, timeout=600, env=env)
+    import socket
+
+    with socket.socket() as sock:  # a free port, so runs never collide
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-                          "29617", str(script), "2"], capture_output=True, text=True, timeout=600, env=env)
+                          str(port), str(script), "2", mode],
+                         capture_output=True, text=True, timeout=600, env=env)
     assert one.returncode == 0, one.stderr[-2000:]
     assert two.returncode == 0, two.stderr[-3000:]
     l1 = json.loads(one.stdout.split("LOSSES")[-1])
     l2 = json.loads(two.stdout.split("LOSSES")[-1])
-    assert len(l1) == len(l2) == 5
+    assert len(l1) == len(l2) == 6  # five losses, then a checksum of the trained (unsharded) weights
     for a, b in zip(l1, l2):
         assert abs(a - b) <= 1e-5 * max(1.0, abs(a)), (l1, l2)
 

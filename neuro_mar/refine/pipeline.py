@@ -71,6 +71,7 @@ class RefineConfig:
     eval_rows: int = 16
     energy_contexts: tuple = (512, 4096)
     dtype: str = "float32"
+    fsdp: bool = False
 
 
 PRESETS = {
@@ -207,7 +208,7 @@ def prepare(cfg: RefineConfig, progress: bool = True):
 
 def _tcfg(cfg: RefineConfig, steps: int, lr: float) -> TrainConfig:
     return TrainConfig(steps=steps, lr=lr, warmup=min(cfg.warmup, max(steps - 1, 0)), micro_batch=cfg.micro_batch,
-                       grad_accum=cfg.grad_accum, seed=cfg.seed, ckpt_every=cfg.ckpt_every)
+                       grad_accum=cfg.grad_accum, seed=cfg.seed, ckpt_every=cfg.ckpt_every, fsdp=cfg.fsdp)
 
 
 def _save_model(model, tok, path: Path) -> None:
@@ -250,24 +251,27 @@ def run_refine(cfg: RefineConfig, out: str | Path, resume: bool = False, progres
     timings, tokens = {}, {}
 
     def stage(name, model, teacher_model, fn, steps, lr):
+        """Train ``model`` for one sub-stage; returns it (an unsharded copy after FSDP)."""
         if steps <= 0:
-            return
+            return model
         t0 = time.time()
         trainer = Trainer(_Bound(model, teacher_model, fn), lambda m, b: m(b), train, _tcfg(cfg, steps, lr), out,
-                          name, progress=progress, device=device)
+                          name, progress=progress, device=device,
+                          shard_units=lambda bound: list(bound.student.model.layers))
         if resume:
             trainer.try_resume()
         trainer.run()
         timings[name] = time.time() - t0
         tokens[name] = steps * cfg.micro_batch * cfg.grad_accum * train.shape[1] * world()[1]
+        return trainer.result().student
 
     stage1_dir = out / "stage1"
     if resume and (stage1_dir / "config.json").is_file():
         student = MARForCausalLM.from_pretrained(stage1_dir).to(device)
     else:
-        stage("stage1a", student, teacher, loss_1a, cfg.steps_1a, cfg.lr_1a)
-        stage("stage1b", student, teacher, loss_1b, cfg.steps_1b, cfg.lr_1b)
-        stage("stage1c", student, teacher, loss_1c, cfg.steps_1c, cfg.lr_1c)
+        student = stage("stage1a", student, teacher, loss_1a, cfg.steps_1a, cfg.lr_1a)
+        student = stage("stage1b", student, teacher, loss_1b, cfg.steps_1b, cfg.lr_1b)
+        student = stage("stage1c", student, teacher, loss_1c, cfg.steps_1c, cfg.lr_1c)
         if rank == 0:
             _save_model(student, tok, stage1_dir)
     stage1 = student.eval()
@@ -278,7 +282,7 @@ def run_refine(cfg: RefineConfig, out: str | Path, resume: bool = False, progres
     before = copy.deepcopy(spiking).eval()
     stage2_teacher = stage1 if cfg.stage2_teacher == "stage1" else teacher
     stage1.requires_grad_(False)
-    stage("stage2", spiking, stage2_teacher, make_loss_2(cfg), cfg.steps_2, cfg.lr_2)
+    spiking = stage("stage2", spiking, stage2_teacher, make_loss_2(cfg), cfg.steps_2, cfg.lr_2)
     spiking.eval()
     report = None
     if rank == 0:

@@ -38,6 +38,7 @@ class TrainConfig:
     seed: int = 0
     ckpt_every: int = 50
     bf16: bool = True  # autocast on CUDA only
+    fsdp: bool = False  # shard parameters, gradients and optimizer state across processes (FSDP2)
 
     def validate(self) -> None:
         for k in ("steps", "micro_batch", "grad_accum", "ckpt_every"):
@@ -104,23 +105,38 @@ def batch_rows(n_rows: int, step: int, micro: int, cfg: TrainConfig, rank: int, 
 
 class Trainer:
     """Trains ``module`` (its parameters with requires_grad) on ``rows [n, L]`` by minimising
-    ``loss_fn(module, batch) -> scalar``. One trainer per stage; ``name`` names its checkpoint."""
+    ``loss_fn(module, batch) -> scalar``. One trainer per stage; ``name`` names its checkpoint.
+
+    With several processes the module is wrapped in DistributedDataParallel, or with
+    ``cfg.fsdp`` sharded with FSDP2 (``fully_shard`` on each of ``shard_units`` and the root);
+    :meth:`result` then returns an unsharded copy holding the trained weights."""
 
     def __init__(self, module: torch.nn.Module, loss_fn: Callable, rows: torch.Tensor, cfg: TrainConfig,
-                 out_dir: Path | None, name: str, progress: bool = True, device=None):
+                 out_dir: Path | None, name: str, progress: bool = True, device=None, shard_units=None):
         cfg.validate()
         self.module, self.loss_fn, self.rows, self.cfg, self.name = module, loss_fn, rows, cfg, name
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.rank, self.world = world()
         self.device = device or next(module.parameters()).device
-        self.params = [p for p in module.parameters() if p.requires_grad]
-        if not self.params:
+        if not any(p.requires_grad for p in module.parameters()):
             raise ValueError(f"stage {name}: nothing to train (no parameter requires grad)")
         self.model = module
-        if self.world > 1:
+        self.sharded = cfg.fsdp and self.world > 1
+        self._plain = None
+        if self.sharded:
+            import copy
+
+            from torch.distributed.fsdp import fully_shard
+
+            self._plain = copy.deepcopy(module)  # receives the full weights at the end
+            for unit in (shard_units(module) if shard_units else []):
+                fully_shard(unit)
+            fully_shard(module)
+        elif self.world > 1:
             self.model = torch.nn.parallel.DistributedDataParallel(
                 module, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 find_unused_parameters=True)
+        self.params = [p for p in module.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(cfg))
         self.step = 0
@@ -132,10 +148,34 @@ class Trainer:
     def ckpt_path(self) -> Path | None:
         return self.out_dir / "checkpoints" / f"{self.name}.pt" if self.out_dir else None
 
+    def _full_state(self, every_rank: bool = False):
+        """(model, optimizer) state dicts, gathered in full when sharded: on rank 0 only (offloaded to
+        CPU) or, with ``every_rank``, on every rank."""
+        if not self.sharded:
+            return self.module.state_dict(), self.opt.state_dict()
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                             get_optimizer_state_dict)
+
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=not every_rank)
+        return (get_model_state_dict(self.module, options=opts),
+                get_optimizer_state_dict(self.module, self.opt, options=opts))
+
+    def result(self) -> torch.nn.Module:
+        """The trained module, unsharded (the module itself unless FSDP sharded it)."""
+        if not self.sharded:
+            return self.module
+        model_sd, _ = self._full_state(every_rank=True)
+        self._plain.load_state_dict({k: v.detach().cpu() for k, v in model_sd.items()})
+        self._plain.to(self.device)
+        return self._plain
+
     def save(self) -> None:
-        if self.ckpt_path is None or self.rank != 0:
+        if self.ckpt_path is None:
             return
-        atomic_torch_save({"step": self.step, "module": self.module.state_dict(), "opt": self.opt.state_dict(),
+        model_sd, opt_sd = self._full_state()  # collective when sharded: every rank takes part
+        if self.rank != 0:
+            return
+        atomic_torch_save({"step": self.step, "module": model_sd, "opt": opt_sd,
                            "sched": self.sched.state_dict(), "history": self.history,
                            "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
                                    "numpy": np.random.get_state(),
@@ -150,8 +190,16 @@ class Trainer:
         if state["cfg"] != asdict(self.cfg):
             raise ValueError(f"checkpoint {p} was written with a different training configuration "
                              f"({state['cfg']}); resume with the same options or use a new --out")
-        self.module.load_state_dict(state["module"])
-        self.opt.load_state_dict(state["opt"])
+        if self.sharded:
+            from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                                 set_optimizer_state_dict)
+
+            opts = StateDictOptions(full_state_dict=True)
+            set_model_state_dict(self.module, state["module"], options=opts)
+            set_optimizer_state_dict(self.module, self.opt, state["opt"], options=opts)
+        else:
+            self.module.load_state_dict(state["module"])
+            self.opt.load_state_dict(state["opt"])
         self.sched.load_state_dict(state["sched"])
         self.step, self.history = state["step"], state["history"]
         torch.set_rng_state(state["rng"]["torch"])
@@ -190,7 +238,9 @@ class Trainer:
                 batch = self.rows[idx].to(self.device)
                 tokens += batch.numel() * self.world
                 sync = micro == cfg.grad_accum - 1 or self.world == 1
-                ctx = self.model.no_sync() if (self.world > 1 and not sync) else _null()
+                if self.sharded:
+                    self.module.set_requires_gradient_sync(sync)
+                ctx = self.model.no_sync() if (self.world > 1 and not sync and not self.sharded) else _null()
                 with ctx, torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
                     loss = self.loss_fn(self.model, batch) / cfg.grad_accum
                 loss.backward()
@@ -199,6 +249,8 @@ class Trainer:
                 dist.all_reduce(loss_sum)
                 loss_sum /= self.world
             norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm) if cfg.max_grad_norm else None
+            if norm is not None and hasattr(norm, "full_tensor"):
+                norm = norm.full_tensor()
             self.opt.step()
             self.sched.step()
             self.step += 1
