@@ -112,7 +112,7 @@ def test_resume_reproduces_an_uninterrupted_run_exactly(tmp_path):
 DDP_SCRIPT = r"""
 import json, os, sys, torch
 sys.path.insert(0, {tests!r})
-from neuro_mar.refine.trainer import TrainConfig, Trainer, init_distributed, world
+from neuro_mar.refine.trainer import TrainConfig, Trainer, init_distributed, shutdown_distributed, world
 from neuro_mar.refine.pipeline import _Bound, loss_1c
 from neuro_mar.convert import llama_to_mar
 from tiny import tiny_llama
@@ -128,7 +128,8 @@ tr = Trainer(_Bound(student, teacher, loss_1c), lambda m, b: m(b), rows, cfg, No
 h = tr.run()
 final = tr.result().student.lm_head.weight.sum().item()
 if world()[0] == 0:
-    print("LOSSES", json.dumps([r["loss"] for r in h] + [final]))
+    print("LOSSES", json.dumps([r["loss"] for r in h] + [final]), flush=True)
+shutdown_distributed()
 """
 
 

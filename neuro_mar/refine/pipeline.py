@@ -32,7 +32,7 @@ from ..models import SITE_KINDS
 from ..ssm.discrete_mamba2 import mixing_matrix
 from .data import DataError, read_texts, split_heldout, teacher_generated_texts, tokenize_and_pack
 from .losses import feature_loss, sbds_logit_loss
-from .trainer import TrainConfig, Trainer, init_distributed, world
+from .trainer import TrainConfig, Trainer, init_distributed, shutdown_distributed, world
 
 
 @dataclass
@@ -290,5 +290,5 @@ def run_refine(cfg: RefineConfig, out: str | Path, resume: bool = False, progres
         report = build_report(cfg, out, teacher, stage1, before, spiking, tok, held, timings, tokens,
                               time.time() - t_start)
     if distributed:
-        torch.distributed.barrier()
+        shutdown_distributed()
     return report

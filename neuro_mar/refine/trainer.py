@@ -76,6 +76,13 @@ def init_distributed() -> bool:
     return True
 
 
+def shutdown_distributed() -> None:
+    """Destroy the process group (a gloo group left alive can abort the process at exit)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def atomic_torch_save(obj, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
