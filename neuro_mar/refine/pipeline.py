@@ -139,13 +139,32 @@ def loss_1c(student, teacher, ids):
     return sbds_logit_loss(student(input_ids=ids).logits, t, alpha=1.0, beta=0.0)
 
 
+def _use_fused_sbds(ids) -> bool:
+    from ..kernels import atmn_ops
+
+    backend = atmn_ops.get_backend()
+    return backend != "torch" and atmn_ops.triton_available() and (ids.is_cuda or backend == "triton")
+
+
 def make_loss_2(cfg: RefineConfig):
     def loss_2(student, teacher, ids):
         want_h = cfg.gamma > 0
-        with torch.no_grad():
-            t = teacher(input_ids=ids, output_hidden_states=want_h)
-        s = student(input_ids=ids, output_hidden_states=want_h)
-        loss = sbds_logit_loss(s.logits, t.logits, cfg.alpha, cfg.beta, cfg.temperature)
+        if _use_fused_sbds(ids):  # logits never materialised for the whole batch
+            from ..kernels.sbds import fused_linear_sbds
+
+            with torch.no_grad():
+                t = teacher.model(input_ids=ids, output_hidden_states=want_h)
+            s = student.model(input_ids=ids, output_hidden_states=want_h)
+            loss = fused_linear_sbds(s.last_hidden_state, student.lm_head.weight, t.last_hidden_state,
+                                     teacher.lm_head.weight, alpha=cfg.alpha, beta=cfg.beta,
+                                     temperature=cfg.temperature)
+            if cfg.ce_weight:
+                raise RefineError("--ce-weight needs the materialised logits: run with NEURO_MAR_KERNELS=torch")
+        else:
+            with torch.no_grad():
+                t = teacher(input_ids=ids, output_hidden_states=want_h)
+            s = student(input_ids=ids, output_hidden_states=want_h)
+            loss = sbds_logit_loss(s.logits, t.logits, cfg.alpha, cfg.beta, cfg.temperature)
         if want_h:
             L = len(student.model.layers)
             norms = {l: (student.model.layers[l].input_layernorm, teacher.model.layers[l].input_layernorm)
