@@ -64,7 +64,7 @@ def main():
             for beta in (0.0, 0.5):
                 jsd = LigerFusedLinearJSD(jsd_beta=beta)
                 impls[f"Liger LigerFusedLinearJSD beta={beta}"] = (
-                    lambda a, b, c, d, jsd=jsd: jsd(a, b, c, d).backward())
+                    lambda a, b, c, d, jsd=jsd: jsd(a, b, c, d, None).backward())  # 0.8.5: shift_labels positional
         except Exception as err:  # noqa: BLE001
             print("liger unavailable:", err)
         case = f"{N}x{H}x{V}"
