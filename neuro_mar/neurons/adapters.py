@@ -10,6 +10,7 @@ multiplied by g when charged), soft reset by the threshold gives the exact decod
 """
 from __future__ import annotations
 
+import abc
 import inspect
 import math
 
@@ -47,9 +48,9 @@ class _LinearSoftResetAdapter(InputOnceMixin, nn.Module):
         with torch.no_grad():
             return self._run(x / self.threshold.to(x.dtype), keep_state=True)[1]
 
-    def _run(self, xn: torch.Tensor, keep_state: bool = False):  # pragma: no cover - abstract
+    @abc.abstractmethod
+    def _run(self, xn: torch.Tensor, keep_state: bool = False):
         """Spikes of the normalised input; with keep_state, (spikes, final potential)."""
-        raise NotImplementedError
 
 
 class SpikingJellyInputOnce(_LinearSoftResetAdapter):

@@ -11,6 +11,7 @@ with ``V = exp(a)`` the neuron's per-channel threshold and ``w_t`` its step weig
 """
 from __future__ import annotations
 
+import abc
 import math
 
 import torch
@@ -20,7 +21,7 @@ from torch import nn
 MIN_THRESHOLD = 1e-6
 
 
-class InputOnceMixin:
+class InputOnceMixin(abc.ABC):
     """Shared threshold handling, decoding and calibration.
 
     Subclasses provide ``self.a`` (an ``nn.Parameter`` of shape ``[channels]`` or ``[]``),
@@ -42,8 +43,9 @@ class InputOnceMixin:
     def channels(self) -> int | None:
         return None if self.a.dim() == 0 else self.a.shape[0]
 
-    def step_weights(self) -> torch.Tensor:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abc.abstractmethod
+    def step_weights(self) -> torch.Tensor:
+        """Decoding weights w_t of the T micro-steps, in units of V (float64 [T])."""
 
     def _weights(self, device, dtype=torch.float32) -> torch.Tensor:
         return self.step_weights().to(device=device, dtype=dtype)
