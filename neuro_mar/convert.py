@@ -1,12 +1,16 @@
 """Initialise a MAR student from a Llama-family teacher ("Mamba in the Llama" initialisation).
 
-Per layer: C <- W_q, B <- W_k, x <- W_v (grouped KV heads repeated to the query heads),
-out_proj <- W_o; the gate z starts constant (weights 0, bias z* with silu(z*) = 1), A_log's
-weights start at 0 with dt_bias giving a long memory, the conv starts as the identity and D at 0,
-so at initialisation each mixer is a causal linear attention with per-head decay. Embeddings,
-norms, MLPs and the LM head are copied.
+Per layer: C <- W_q / sqrt(head_dim) (attention's score scale), B <- W_k, x <- W_v (grouped KV
+heads repeated to the query heads), out_proj <- W_o; the gate z starts constant (weights 0, bias z*
+with silu(z*) = 1), A_log's weights start at 0 with per-head dt log-uniform in ``dt_init_range``
+(default 0.3 to 3: a memory of a few tokens; with no softmax normalisation, long memories start far
+from the teacher - measured on SmolLM2-135M, the per-layer alignment error at initialisation drops
+from ~2e5 to ~2), the conv starts as the identity and D at 0, so at initialisation each mixer is a
+causal linear attention with per-head decay. Embeddings, norms, MLPs and the LM head are copied.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
@@ -67,7 +71,8 @@ def _repeat_kv(w: torch.Tensor, kv_heads: int, heads: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def llama_to_mar(teacher: nn.Module, **config_overrides) -> MARForCausalLM:
+def llama_to_mar(teacher: nn.Module, dt_init_range: tuple[float, float] = (0.3, 3.0), seed: int = 0,
+                 **config_overrides) -> MARForCausalLM:
     """A :class:`MARForCausalLM` (fp32) initialised from a Llama-family teacher; config fields
     (e.g. ``neurons``, ``chunk_size``) can be overridden."""
     base, layers = _layers(teacher)
@@ -80,6 +85,7 @@ def llama_to_mar(teacher: nn.Module, **config_overrides) -> MARForCausalLM:
     student = MARForCausalLM(mcfg).float()
     heads, kv = cfg.num_attention_heads, cfg.num_key_value_heads
     f32 = lambda t: t.detach().float()  # noqa: E731
+    gen = torch.Generator().manual_seed(seed)
     student.model.embed_tokens.weight.copy_(f32(base.embed_tokens.weight))
     student.model.norm.weight.copy_(f32(base.norm.weight))
     if not mcfg.tie_word_embeddings:
@@ -91,14 +97,17 @@ def llama_to_mar(teacher: nn.Module, **config_overrides) -> MARForCausalLM:
         W.zero_()
         W[:d_inner] = _repeat_kv(f32(att.v_proj.weight), kv, heads)
         W[d_inner:d_inner + gn] = _repeat_kv(f32(att.k_proj.weight), kv, heads)
-        W[d_inner + gn:d_inner + 2 * gn] = f32(att.q_proj.weight)
+        W[d_inner + gn:d_inner + 2 * gn] = f32(att.q_proj.weight) / math.sqrt(mix.d_state)
         if mix.in_proj.bias is not None:
             bias = mix.in_proj.bias
             bias.zero_()
             for rows, lin, rep in ((slice(0, d_inner), att.v_proj, True), (slice(d_inner, d_inner + gn), att.k_proj, True),
                                    (slice(d_inner + gn, d_inner + 2 * gn), att.q_proj, False)):
                 if lin.bias is not None:
-                    bias[rows] = _repeat_kv(f32(lin.bias), kv, heads) if rep else f32(lin.bias)
+                    bias[rows] = _repeat_kv(f32(lin.bias), kv, heads) if rep else f32(lin.bias) / math.sqrt(mix.d_state)
+        lo, hi = dt_init_range
+        dt = torch.exp(torch.rand(mix.n_v_heads, generator=gen) * (math.log(hi) - math.log(lo)) + math.log(lo))
+        mix.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
         mix.z_bias.fill_(Z_STAR)
         mix.conv1d.weight.zero_()
         mix.conv1d.weight[:, 0, -1] = 1.0

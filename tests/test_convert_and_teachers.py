@@ -31,7 +31,7 @@ def test_llama_to_mar_copies_tensors(tie):
         d, gn = mix.d_inner, mix.n_qk_heads * mix.d_state
         torch.testing.assert_close(W[:d], _rep(att.v_proj.weight, 2, 4))
         torch.testing.assert_close(W[d:d + gn], _rep(att.k_proj.weight, 2, 4))
-        torch.testing.assert_close(W[d + gn:d + 2 * gn], att.q_proj.weight)
+        torch.testing.assert_close(W[d + gn:d + 2 * gn], att.q_proj.weight / mix.d_state**0.5)
         assert torch.all(W[d + 2 * gn:] == 0)
         assert torch.allclose(mix.z_bias, torch.full_like(mix.z_bias, Z_STAR))
         assert abs(Z_STAR / (1 + math.exp(-Z_STAR)) - 1) < 1e-12
@@ -58,7 +58,7 @@ def test_converted_mixer_is_causal_linear_attention_at_init():
     y = torch.zeros(1, 6, H, d // H, dtype=torch.float64)
     for i in range(6):
         for j in range(i + 1):
-            w = torch.exp(-dt * (i - j)) * (q[0, i] * k[0, j]).sum(-1)  # [H]
+            w = torch.exp(-dt * (i - j)) * (q[0, i] * k[0, j]).sum(-1)  # [H] (q already carries 1/sqrt(hd))
             y[0, i] += w[:, None] * v[0, j]
     expected = mix.out_proj(y.reshape(1, 6, d))  # gate silu(Z_STAR) = 1, D = 0
     got, _ = mix(u)
@@ -107,5 +107,7 @@ def test_default_teacher_loads_generates_and_has_finite_perplexity():
     assert out.shape[1] == 20 and tok.decode(out[0, 12:]).strip()
     s = llama_to_mar(m)
     assert s.config.n_qk_heads == 9 and s.config.d_state == 64 and s.config.tie_word_embeddings
+    dt = torch.nn.functional.softplus(torch.stack([l.mixer.dt_bias for l in s.model.layers]))
+    assert dt.min() >= 0.3 - 1e-5 and dt.max() <= 3.0 + 1e-5
     with torch.no_grad():
         assert torch.isfinite(s(ids[:, :16]).logits).all()
