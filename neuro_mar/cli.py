@@ -19,11 +19,13 @@ def _cmd_neurons(args) -> int:
     return 0
 
 
-def _token_batches(tokenizer, path: str | None, seq_len: int, max_tokens: int):
-    import torch
+def _token_batches(tokenizer, path: str | None, seq_len: int, max_tokens: int, text: str | None = None):
+    """Token batches [1, seq_len] of ``text``, of the file ``path``, or of the built-in sample."""
     from pathlib import Path
 
-    if path is None:
+    if text is not None:
+        pass
+    elif path is None:
         text = (Path(__file__).parent / "data" / "sample.txt").read_text()
     else:
         p = Path(path)
@@ -33,8 +35,8 @@ def _token_batches(tokenizer, path: str | None, seq_len: int, max_tokens: int):
         if not text.strip():
             raise SystemExit(f"error: data file {p} is empty")
     ids = tokenizer(text, return_tensors="pt").input_ids[0][:max_tokens]
-    if ids.numel() < 2:
-        raise SystemExit("error: the data gives fewer than 2 tokens")
+    if ids.numel() < 1:
+        raise SystemExit("error: the text gives no tokens")
     return [ids[i:i + seq_len].unsqueeze(0) for i in range(0, ids.numel(), seq_len)]
 
 
@@ -120,16 +122,7 @@ def _cmd_trace(args) -> int:
     if (args.text is None) == (args.data is None):
         raise SystemExit("error: give exactly one of --text or --data")
     model, tok = _model_and_tokenizer(args.model, args.neuron, args.tokenizer, mar=True)
-    if args.text is not None:
-        import torch
-
-        ids = tok(args.text, return_tensors="pt").input_ids[0]
-        if ids.numel() == 0:
-            raise SystemExit("error: --text gives no tokens")
-        batches = [ids[i:i + args.seq_len].unsqueeze(0) for i in range(0, ids.numel(), args.seq_len)]
-        del torch
-    else:
-        batches = _token_batches(tok, args.data, args.seq_len, args.max_tokens)
+    batches = _token_batches(tok, args.data, args.seq_len, args.max_tokens, text=args.text)
     if args.neuron:
         model.calibrate_thresholds(batches[:1])
     out = Path(args.out)

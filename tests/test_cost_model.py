@@ -196,6 +196,17 @@ def test_energy_cli_on_a_saved_checkpoint(tmp_path, capsys):
                  "--context", "64", "--out", str(tmp_path / "o")]) == 0
     assert (tmp_path / "o" / "energy_ctx64.json").is_file()
     assert "45nm-fp32" in capsys.readouterr().out
+    # the other commands on the same checkpoint: trace (+ NWB view) and simulate
+    assert main(["trace", str(tmp_path / "m"), "--data", str(data), "--out", str(tmp_path / "t.nwb"),
+                 "--format", "nwb", "--sites", "L01.*"]) == 0
+    assert (tmp_path / "t.nwb").is_file() and (tmp_path / "t.sonata.h5").is_file()
+    with pytest.raises(SystemExit, match="exactly one"):
+        main(["trace", str(tmp_path / "m"), "--out", str(tmp_path / "x.h5")])
+    assert main(["simulate", str(tmp_path / "m"), "--text", "w1 w2 w3 w4", "--target", "loihi", "--quantize",
+                 "--out", str(tmp_path / "sim")]) == 0
+    assert (tmp_path / "sim" / "simulate.json").is_file() and (tmp_path / "sim" / "core_map.png").is_file()
+    with pytest.raises(SystemExit, match="quantise"):
+        main(["simulate", str(tmp_path / "m"), "--text", "w1 w2", "--target", "loihi"])
     with pytest.raises(SystemExit, match="unknown target"):
         main(["energy", str(tmp_path / "m"), "--data", str(data), "--target", "nope"])
     with pytest.raises(SystemExit, match="does not exist"):
