@@ -60,7 +60,8 @@ def map_model(cfg, table: CostTable, model_weight_bits: int = 16) -> dict:
     """Cores and chips a MAR model's spiking projections need on ``table``'s chip.
 
     Each projection's output neurons and its synapses (d_in x d_out) are partitioned into cores
-    under the neurons-per-core, fan-in-per-core and synapse-memory limits. Returns per-projection
+    under the neurons-per-core, fan-in-per-core and synapse-memory limits, and each site's own
+    spiking neurons (d_in of them) take cores of their own (as in ``neuro_mar.simulate``). Returns per-projection
     and total core counts, chips, whether the model fits one chip, and whether its weights must be
     quantised to the chip's precision.
     """
@@ -76,6 +77,7 @@ def map_model(cfg, table: CostTable, model_weight_bits: int = 16) -> dict:
         cores = by_neurons * by_fanin
         if table.synapse_bits_per_core:
             cores = max(cores, math.ceil(din * dout * wbits / table.synapse_bits_per_core))
+        cores += math.ceil(din / table.neurons_per_core) if table.neurons_per_core else 0  # the site's neurons
         per_proj[kind] = {"neurons": dout, "fan_in": din, "synapses": din * dout, "cores": cores}
         total += cores
     total *= cfg.num_hidden_layers
