@@ -152,14 +152,15 @@ def make_loss_2(cfg: RefineConfig):
         if _use_fused_sbds(ids):  # logits never materialised for the whole batch
             from ..kernels.sbds import fused_linear_sbds
 
+            if cfg.ce_weight:
+                raise RefineError("--ce-weight needs materialised logits: run with NEURO_MAR_KERNELS=torch")
+
             with torch.no_grad():
                 t = teacher.model(input_ids=ids, output_hidden_states=want_h)
             s = student.model(input_ids=ids, output_hidden_states=want_h)
             loss = fused_linear_sbds(s.last_hidden_state, student.lm_head.weight, t.last_hidden_state,
                                      teacher.lm_head.weight, alpha=cfg.alpha, beta=cfg.beta,
                                      temperature=cfg.temperature)
-            if cfg.ce_weight:
-                raise RefineError("--ce-weight needs the materialised logits: run with NEURO_MAR_KERNELS=torch")
         else:
             with torch.no_grad():
                 t = teacher(input_ids=ids, output_hidden_states=want_h)
@@ -253,6 +254,9 @@ def run_refine(cfg: RefineConfig, out: str | Path, resume: bool = False, progres
     out = Path(out)
     distributed = init_distributed()
     rank, _ = world()
+    if cfg.ce_weight and torch.cuda.is_available() and _use_fused_sbds(torch.empty(0, device="cuda")):
+        raise RefineError("--ce-weight needs materialised logits, which the fused SBDS loss on CUDA never forms: "
+                          "run with NEURO_MAR_KERNELS=torch or drop --ce-weight")
     if out.exists() and any(out.iterdir()) and not resume:
         raise RefineError(f"output folder {out} exists and is not empty; pass --resume to continue it or choose a new --out")
     t_start = time.time()
