@@ -6,6 +6,7 @@ report and writes JSON, CSV and a PNG (stacked energy by component per layer).
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
@@ -13,6 +14,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..io_utils import atomic_write_text
 from .counting import Row, llama_rows, measure_site_activity, site_fanout, student_rows, totals
 from .targets import DEFAULT_TARGETS, PJ, CostTable, get_target
 
@@ -138,17 +140,16 @@ class EnergyReport:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         paths = {"json": out / f"{stem}.json", "csv": out / f"{stem}.csv", "png": out / f"{stem}.png"}
-        _atomic_text(paths["json"], json.dumps(self.to_dict(), indent=2))
+        atomic_write_text(paths["json"], json.dumps(self.to_dict(), indent=2))
         rows = []
         for name, t in self.targets.items():
             for r in t["per_part"]:
                 rows.append({"target": name, **r})
-        fd, tmp = tempfile.mkstemp(dir=out, suffix=".csv.tmp")
-        with os.fdopen(fd, "w", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=list(rows[0].keys()))
-            w.writeheader()
-            w.writerows(rows)
-        os.replace(tmp, paths["csv"])
+        buf = io.StringIO(newline="")
+        w = csv.DictWriter(buf, fieldnames=list(rows[0].keys()))
+        w.writeheader()
+        w.writerows(rows)
+        atomic_write_text(paths["csv"], buf.getvalue())
         self.plot(paths["png"])
         return paths
 
@@ -179,13 +180,6 @@ class EnergyReport:
         fig.savefig(tmp, dpi=110, format="png")
         plt.close(fig)
         os.replace(tmp, path)
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
 
 
 def teacher_config_of(model) -> dict | None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 PJ = 1e-12
@@ -167,4 +167,4 @@ def available_targets() -> dict[str, str]:
     return {n: f"{t.kind}: {t.scope} [{t.source}]" for n, t in TARGETS.items()}
 
 
-__all__ = ["CostTable", "TARGETS", "DEFAULT_TARGETS", "get_target", "load_table", "available_targets", "PJ", "field"]
+__all__ = ["CostTable", "TARGETS", "DEFAULT_TARGETS", "get_target", "load_table", "available_targets", "PJ"]

@@ -29,7 +29,6 @@ import triton.language as tl
 
 
 from .atmn_constants import SURROGATE_IDS  # noqa: F401  (ids of _sg_grad)
-MAX_UNROLLED_T = 16
 
 
 @triton.jit
@@ -62,6 +61,14 @@ def _fire(h, iV, TERNARY: tl.constexpr):
 
 
 @triton.jit
+def _thresholds(Vp, iVp, cols, C):
+    """V and 1/V of the tile's channels, as [1, BC] rows."""
+    V = tl.load(Vp + cols, mask=cols < C, other=1.0)[None, :]
+    iV = tl.load(iVp + cols, mask=cols < C, other=1.0)[None, :]
+    return V, iV
+
+
+@triton.jit
 def _tile(R, C, BR: tl.constexpr, BC: tl.constexpr):
     rows = tl.program_id(0) * BR + tl.arange(0, BR)
     cols = tl.program_id(1) * BC + tl.arange(0, BC)
@@ -87,8 +94,7 @@ def _once_fwd_kernel(X, Vp, iVp, XHAT, SPK, CNT, R, C, numel, tau, k,
                      COUNT: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
     cols, mask, offs = _tile(R, C, BR, BC)
     x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
-    V = tl.load(Vp + cols, mask=cols < C, other=1.0)[None, :]
-    iV = tl.load(iVp + cols, mask=cols < C, other=1.0)[None, :]
+    V, iV = _thresholds(Vp, iVp, cols, C)
     h = x
     w = tau * 0.0 + 1.0  # an fp32 scalar, so the looped variant carries a fixed type
     acc = tl.zeros([BR, BC], dtype=tl.float32)
@@ -151,8 +157,7 @@ def _once_bwd_kernel(X, Vp, iVp, G, DX, DVP, R, C, tau, k, alpha,
     cols, mask, offs = _tile(R, C, BR, BC)
     x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
     g_up = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
-    V = tl.load(Vp + cols, mask=cols < C, other=1.0)[None, :]
-    iV = tl.load(iVp + cols, mask=cols < C, other=1.0)[None, :]
+    V, iV = _thresholds(Vp, iVp, cols, C)
     h = x
     w = tau * 0.0 + 1.0
     P = tl.full([BR, BC], 1.0, dtype=tl.float32)
@@ -178,8 +183,7 @@ def _multi_fwd_kernel(X, V0, Vp, iVp, SPK, H, VLAST, R, C, numel, k,
                       T: tl.constexpr, TERNARY: tl.constexpr, HAS_V0: tl.constexpr,
                       BR: tl.constexpr, BC: tl.constexpr):
     cols, mask, offs = _tile(R, C, BR, BC)
-    V = tl.load(Vp + cols, mask=cols < C, other=1.0)[None, :]
-    iV = tl.load(iVp + cols, mask=cols < C, other=1.0)[None, :]
+    V, iV = _thresholds(Vp, iVp, cols, C)
     if HAS_V0:
         u = tl.load(V0 + offs, mask=mask, other=0.0).to(tl.float32)
     else:
@@ -199,8 +203,7 @@ def _multi_bwd_kernel(GS, GV, H, Vp, iVp, DX, DV0, DVP, R, C, numel, k, alpha,
                       T: tl.constexpr, SG: tl.constexpr, TERNARY: tl.constexpr, DETACH: tl.constexpr,
                       HAS_GV: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
     cols, mask, offs = _tile(R, C, BR, BC)
-    V = tl.load(Vp + cols, mask=cols < C, other=1.0)[None, :]
-    iV = tl.load(iVp + cols, mask=cols < C, other=1.0)[None, :]
+    V, iV = _thresholds(Vp, iVp, cols, C)
     if HAS_GV:
         uh = tl.load(GV + offs, mask=mask, other=0.0).to(tl.float32)
     else:

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .models import MARConfig, MARForCausalLM
+from .ssm.discrete_mamba2 import dt_bias_init
 
 #: silu(Z_STAR) == 1: a gate that passes y unchanged at initialisation.
 Z_STAR = 1.2784645427610738
@@ -105,9 +106,7 @@ def llama_to_mar(teacher: nn.Module, dt_init_range: tuple[float, float] = (0.3, 
                                    (slice(d_inner + gn, d_inner + 2 * gn), att.q_proj, False)):
                 if lin.bias is not None:
                     bias[rows] = _repeat_kv(f32(lin.bias), kv, heads) if rep else f32(lin.bias) / math.sqrt(mix.d_state)
-        lo, hi = dt_init_range
-        dt = torch.exp(torch.rand(mix.n_v_heads, generator=gen) * (math.log(hi) - math.log(lo)) + math.log(lo))
-        mix.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+        mix.dt_bias.copy_(dt_bias_init(mix.n_v_heads, *dt_init_range, generator=gen))
         mix.z_bias.fill_(Z_STAR)
         mix.conv1d.weight.zero_()
         mix.conv1d.weight[:, 0, -1] = 1.0

@@ -26,6 +26,7 @@ from transformers.utils import ModelOutput
 from ..neurons import SpikeSite, create, swap_neurons
 from ..neurons.input_once import InputOnceMixin
 from ..ssm import DiscreteMamba2, MixerState
+from ..ssm.discrete_mamba2 import dt_bias_init
 from .configuration_mar import SITE_KINDS, MARConfig
 
 
@@ -141,10 +142,7 @@ class MARPreTrainedModel(PreTrainedModel):
     def _init_weights(self, module):
         super()._init_weights(module)
         if isinstance(module, DiscreteMamba2):
-            dt = torch.exp(torch.rand(module.n_v_heads) * (torch.log(torch.tensor(module.dt_max))
-                                                            - torch.log(torch.tensor(module.dt_min)))
-                           + torch.log(torch.tensor(module.dt_min)))
-            init.copy_(module.dt_bias, dt + torch.log(-torch.expm1(-dt)))
+            init.copy_(module.dt_bias, dt_bias_init(module.n_v_heads, module.dt_min, module.dt_max))
             init.ones_(module.D)
             init.zeros_(module.z_bias)
         elif isinstance(module, MARRMSNorm):

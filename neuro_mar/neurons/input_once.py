@@ -17,6 +17,8 @@ import math
 import torch
 from torch import nn
 
+from ..kernels import atmn_ref
+
 #: Smallest threshold calibration may set (keeps log(V) finite for dead channels).
 MIN_THRESHOLD = 1e-6
 
@@ -47,9 +49,6 @@ class InputOnceMixin(abc.ABC):
     def step_weights(self) -> torch.Tensor:
         """Decoding weights w_t of the T micro-steps, in units of V (float64 [T])."""
 
-    def _weights(self, device, dtype=torch.float32) -> torch.Tensor:
-        return self.step_weights().to(device=device, dtype=dtype)
-
     def representable_max(self) -> float:
         """Largest |x| / V the T positive micro-steps can express (sum of the step weights)."""
         return float(self.step_weights().sum())
@@ -60,10 +59,7 @@ class InputOnceMixin(abc.ABC):
         half-precision spikes), returned in the spikes' dtype."""
         if spikes.shape[0] != self.T:
             raise ValueError(f"decode expects spikes of shape [T={self.T}, ...], got {tuple(spikes.shape)}")
-        acc_dtype = torch.float32 if spikes.dtype in (torch.float16, torch.bfloat16) else spikes.dtype
-        w = self._weights(spikes.device, acc_dtype).view(-1, *([1] * (spikes.dim() - 1)))
-        acc = (spikes.to(acc_dtype) * w).sum(0)
-        return (acc * self.threshold.to(acc_dtype)).to(spikes.dtype)
+        return atmn_ref.decode(spikes, self.threshold, self.step_weights())
 
     def site_forward(self, x: torch.Tensor, want_spikes: bool = False, count: bool = False):
         """What a :class:`SpikeSite` needs in one call: ``(x_hat in x.dtype, spikes or None,

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
+
+from ..io_utils import atomic_torch_save
 
 #: Diverse built-in prompts for the teacher-generated default data.
 PROMPTS = [
@@ -130,14 +130,6 @@ def split_heldout(rows: torch.Tensor, fraction: float = 0.1, min_rows: int = 1) 
     return rows[:-k], rows[-k:]
 
 
-def _atomic_save(obj, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 @torch.no_grad()
 def teacher_generated_texts(teacher, tokenizer, n_tokens: int, cache_dir: Path | None = None, max_new: int = 128,
                             batch: int = 16, seed: int = 0, progress: bool = True) -> list[str]:
@@ -181,5 +173,5 @@ def teacher_generated_texts(teacher, tokenizer, n_tokens: int, cache_dir: Path |
             bar.update(min(bar.total - bar.n, total - bar.n))
     if bar is not None:
         bar.close()
-    _atomic_save({"texts": texts, "prompts": PROMPTS}, path)
+    atomic_torch_save({"texts": texts, "prompts": PROMPTS}, path)
     return texts

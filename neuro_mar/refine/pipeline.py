@@ -70,7 +70,6 @@ class RefineConfig:
     ckpt_every: int = 10
     eval_rows: int = 16
     energy_contexts: tuple = (512, 4096)
-    dtype: str = "float32"
     fsdp: bool = False
 
 

@@ -3,18 +3,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 
+from ..io_utils import atomic_write_text
 from .evaluate import agreement, perplexity
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
 
 
 def _plots(out: Path, firing: dict) -> list[str]:
@@ -87,8 +79,8 @@ def build_report(cfg, out: Path, teacher, stage1, before, student, tok, held, ti
                                                  < rows["spiking_before_stage2"]["kl_to_teacher"]
                                                  and rows["spiking_student"]["top1_agreement"]
                                                  >= rows["spiking_before_stage2"]["top1_agreement"])}
-    _atomic_write(out / "report.json", json.dumps(report, indent=2))
-    _atomic_write(out / "report.md", render_markdown(report))
+    atomic_write_text(out / "report.json", json.dumps(report, indent=2))
+    atomic_write_text(out / "report.md", render_markdown(report))
     return report
 
 

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ..hardware_models.targets import CostTable, get_target
+from ..ssm.discrete_mamba2 import MixerState
 from .mapping import Mapping, map_onto_cores
 
 #: Loihi's routing costs (Davies et al., IEEE Micro 2018, Table 2): spike within a tile, per tile hop
@@ -134,10 +135,7 @@ class EventDrivenExecutor:
         return torch.stack(logits)
 
     def _linear(self, layer, kind, site, x, dense_linear):
-        if site.is_dense:
-            return dense_linear(x)
-        out = self._project(layer, kind, site, x)
-        return out
+        return dense_linear(x) if site.is_dense else self._project(layer, kind, site, x)
 
     def _block(self, i, blk, h, state):
         mix = blk.mixer
@@ -178,8 +176,6 @@ class EventDrivenExecutor:
         d = self._linear(i, "mlp.down", mlp.down_site, a, mlp.down_proj)
         if mlp.down_proj.bias is not None and not mlp.down_site.is_dense:
             d = d + mlp.down_proj.bias
-        from ..ssm.discrete_mamba2 import MixerState
-
         return h + d, MixerState(window[None, :, 1:], S[None])
 
     # -- results -------------------------------------------------------------------------------------

@@ -35,6 +35,12 @@ def inverse_softplus(y: torch.Tensor) -> torch.Tensor:
     return y + torch.log(-torch.expm1(-y))
 
 
+def dt_bias_init(heads: int, dt_min: float, dt_max: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """dt_bias such that softplus(dt_bias) is log-uniform in [dt_min, dt_max], one per head."""
+    dt = torch.exp(torch.rand(heads, generator=generator) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+    return inverse_softplus(dt)
+
+
 class DiscreteMamba2(nn.Module):
     def __init__(self, d_model: int, d_state: int = 64, n_qk_heads: int = 32, n_v_heads: int = 32,
                  d_conv: int = 4, expand: int = 1, chunk_size: int = 64, bias: bool = False,
@@ -68,9 +74,7 @@ class DiscreteMamba2(nn.Module):
     @torch.no_grad()
     def reset_ssm_parameters(self) -> None:
         """Mamba-2 style: dt = softplus(dt_bias) log-uniform in [dt_min, dt_max]; D = 1; z_bias = 0."""
-        dt = torch.exp(torch.rand(self.n_v_heads) * (math.log(self.dt_max) - math.log(self.dt_min))
-                       + math.log(self.dt_min))
-        self.dt_bias.copy_(inverse_softplus(dt))
+        self.dt_bias.copy_(dt_bias_init(self.n_v_heads, self.dt_min, self.dt_max))
         self.D.fill_(1.0)
         self.z_bias.zero_()
 
