@@ -55,6 +55,8 @@ def main():
 
         impls = {
             "ours fused linear SBDS (Triton)": lambda a, b, c, d: fused_linear_sbds(a, b, c, d).backward(),
+            "ours, chunk 512": lambda a, b, c, d: fused_linear_sbds(a, b, c, d, chunk=512).backward(),
+            "ours, chunk 2048": lambda a, b, c, d: fused_linear_sbds(a, b, c, d, chunk=2048).backward(),
             "naive materialised, F.kl_div both ways": lambda a, b, c, d: naive(a, b, c, d).backward(),
             "torch.compile chunked": lambda a, b, c, d: chunked_linear_sbds(a, b, c, d, chunk=1024),
         }

@@ -10,8 +10,9 @@ fake implementations, so models trace under ``torch.compile``):
   linear in the adjoints, so dx and dV are accumulated in *forward* step order
   (``dx = G * sum_t w_t g_t P_t``, ``P_{t+1} = k (1 - c g_t) P_t``; see ``_once_bwd_kernel``).
 * **multi-step** (``neuro_mar::atmn_multi_fwd`` / ``_bwd``): ``x_seq [T, ..., C]`` charging at every
-  step as SpikingJelly neurons do, spikes in x's dtype, the pre-fire potentials saved in fp32 for a
-  backward that walks the steps in reverse.
+  step as SpikingJelly neurons do, spikes in x's dtype. The backward walks the steps in reverse and,
+  for T <= RECOMPUTE_MAX_T, recomputes each pre-fire potential from x (nothing saved but x itself;
+  the repeated tile loads hit L2); for longer T the forward saves the potentials in fp32.
 
 State and accumulation are fp32 for fp32/bf16/fp16 inputs; V = exp(a) and 1/V come from PyTorch
 and the steps multiply by 1/tau and 1/V as the reference does, so spikes equal it bit for bit. The
@@ -28,7 +29,7 @@ import triton
 import triton.language as tl
 
 
-from .atmn_constants import SURROGATE_IDS  # noqa: F401  (ids of _sg_grad)
+from .atmn_constants import RECOMPUTE_MAX_T, SURROGATE_IDS  # noqa: F401  (ids of _sg_grad)
 
 
 @triton.jit
@@ -180,7 +181,7 @@ def _once_bwd_kernel(X, Vp, iVp, G, DX, DVP, R, C, tau, k, alpha,
 # ---------------------------------------------------------------------------------------------
 @triton.jit
 def _multi_fwd_kernel(X, V0, Vp, iVp, SPK, H, VLAST, R, C, numel, k,
-                      T: tl.constexpr, TERNARY: tl.constexpr, HAS_V0: tl.constexpr,
+                      T: tl.constexpr, TERNARY: tl.constexpr, HAS_V0: tl.constexpr, SAVE_H: tl.constexpr,
                       BR: tl.constexpr, BC: tl.constexpr):
     cols, mask, offs = _tile(R, C, BR, BC)
     V, iV = _thresholds(Vp, iVp, cols, C)
@@ -192,16 +193,20 @@ def _multi_fwd_kernel(X, V0, Vp, iVp, SPK, H, VLAST, R, C, numel, k,
         x = tl.load(X + t * numel + offs, mask=mask, other=0.0).to(tl.float32)
         h = x + u * k
         m, s = _fire(h, iV, TERNARY)
-        tl.store(H + t * numel + offs, h, mask=mask)
+        if SAVE_H:
+            tl.store(H + t * numel + offs, h, mask=mask)
         tl.store(SPK + t * numel + offs, s.to(SPK.dtype.element_ty), mask=mask)
         u = h - s * V
     tl.store(VLAST + offs, u, mask=mask)
 
 
 @triton.jit
-def _multi_bwd_kernel(GS, GV, H, Vp, iVp, DX, DV0, DVP, R, C, numel, k, alpha,
+def _multi_bwd_kernel(GS, GV, H, X, V0, Vp, iVp, DX, DV0, DVP, R, C, numel, k, alpha,
                       T: tl.constexpr, SG: tl.constexpr, TERNARY: tl.constexpr, DETACH: tl.constexpr,
-                      HAS_GV: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
+                      HAS_GV: tl.constexpr, HAS_V0: tl.constexpr, RECOMPUTE: tl.constexpr,
+                      BR: tl.constexpr, BC: tl.constexpr):
+    """Reverse walk over the steps. With RECOMPUTE the pre-fire potential h_t is recomputed from
+    x_0..x_t (the tile's x stays in L2 between steps) instead of being read from a saved h_seq."""
     cols, mask, offs = _tile(R, C, BR, BC)
     V, iV = _thresholds(Vp, iVp, cols, C)
     if HAS_GV:
@@ -211,7 +216,19 @@ def _multi_bwd_kernel(GS, GV, H, Vp, iVp, DX, DV0, DVP, R, C, numel, k, alpha,
     dv = tl.zeros([BR, BC], dtype=tl.float32)
     for i in range(T):
         t = T - 1 - i
-        h = tl.load(H + t * numel + offs, mask=mask, other=0.0)
+        if RECOMPUTE:
+            if HAS_V0:
+                u = tl.load(V0 + offs, mask=mask, other=0.0).to(tl.float32)
+            else:
+                u = tl.zeros([BR, BC], dtype=tl.float32)
+            h = u
+            for j in range(0, t + 1):
+                x = tl.load(X + j * numel + offs, mask=mask, other=0.0).to(tl.float32)
+                h = x + u * k
+                m, s = _fire(h, iV, TERNARY)
+                u = h - s * V
+        else:
+            h = tl.load(H + t * numel + offs, mask=mask, other=0.0)
         g_up = tl.load(GS + t * numel + offs, mask=mask, other=0.0).to(tl.float32)
         m, s = _fire(h, iV, TERNARY)
         gz = _sg_grad(m - 1.0, SG, alpha)
@@ -226,7 +243,8 @@ def _multi_bwd_kernel(GS, GV, H, Vp, iVp, DX, DV0, DVP, R, C, numel, k, alpha,
         tl.store(DX + t * numel + offs, hh.to(DX.dtype.element_ty), mask=mask)
         dv += -s * uh - m * mh * iV
         uh = hh * k
-    tl.store(DV0 + offs, uh, mask=mask)
+    if HAS_V0:
+        tl.store(DV0 + offs, uh, mask=mask)
     tl.store(DVP + tl.program_id(0).to(tl.int64) * C + cols, tl.sum(tl.where(mask, dv, 0.0), axis=0), mask=cols < C)
 
 
@@ -284,38 +302,47 @@ def once_bwd(grad, x, V, T, tau, sg_id, alpha, ternary=True, detach_reset=False)
 
 
 def multi_fwd(x_seq, V, tau, ternary=True, v0=None):
-    """``(spikes [T, ...] in x.dtype, h_seq fp32 (saved for backward), v_last fp32)``."""
+    """``(spikes [T, ...] in x.dtype, h_seq fp32 or empty (saved for backward), v_last fp32)``;
+    h_seq is only written when T > RECOMPUTE_MAX_T."""
     x_seq = x_seq.contiguous()
     T = x_seq.shape[0]
     C = x_seq.shape[-1]
     R = x_seq[0].numel() // C
     Vc = V.float().expand(C).contiguous()
     spikes = torch.empty_like(x_seq)
-    h_seq = torch.empty(x_seq.shape, device=x_seq.device, dtype=torch.float32)
+    save_h = T > RECOMPUTE_MAX_T
+    h_seq = torch.empty(x_seq.shape if save_h else (0,), device=x_seq.device, dtype=torch.float32)
     v_last = torch.empty(x_seq.shape[1:], device=x_seq.device, dtype=torch.float32)
     BR, BC = _blocks(C)
     grid = (triton.cdiv(R, BR), triton.cdiv(C, BC))
     if x_seq.numel():
         _multi_fwd_kernel[grid](x_seq, v0.contiguous() if v0 is not None else x_seq, Vc, Vc.reciprocal(), spikes,
-                                h_seq, v_last, R, C, R * C, 1.0 / tau, T=T, TERNARY=ternary, HAS_V0=v0 is not None, BR=BR, BC=BC, num_warps=TILE["num_warps"])
+                                h_seq if save_h else spikes, v_last, R, C, R * C, 1.0 / tau, T=T, TERNARY=ternary,
+                                HAS_V0=v0 is not None, SAVE_H=save_h, BR=BR, BC=BC, num_warps=TILE["num_warps"])
     return spikes, h_seq, v_last
 
 
-def multi_bwd(grad_spikes, grad_v_last, h_seq, V, tau, sg_id, alpha, ternary=True, detach_reset=False,
+def multi_bwd(grad_spikes, grad_v_last, h_seq, x_seq, v0, V, tau, sg_id, alpha, ternary=True, detach_reset=False,
               out_dtype=torch.float32):
-    """``(dx_seq [T, ...] in out_dtype, dv0 fp32, dV [C] fp32)``."""
-    T = h_seq.shape[0]
-    C = h_seq.shape[-1]
-    R = h_seq[0].numel() // C
+    """``(dx_seq [T, ...] in out_dtype, dv0 fp32 (empty without v0), dV [C] fp32)``; h_seq as
+    :func:`multi_fwd` returned it (empty: recompute from x_seq and v0)."""
+    x_seq = x_seq.contiguous()
+    T = x_seq.shape[0]
+    C = x_seq.shape[-1]
+    R = x_seq[0].numel() // C
+    recompute = h_seq.numel() == 0
     Vc = V.float().expand(C).contiguous()
-    dx = torch.empty(h_seq.shape, device=h_seq.device, dtype=out_dtype)
-    dv0 = torch.empty(h_seq.shape[1:], device=h_seq.device, dtype=torch.float32)
+    dx = torch.empty(x_seq.shape, device=x_seq.device, dtype=out_dtype)
+    dv0 = torch.empty(x_seq.shape[1:] if v0 is not None else (0,), device=x_seq.device, dtype=torch.float32)
     BR, BC = _blocks(C)
     grid = (triton.cdiv(R, BR), triton.cdiv(C, BC))
-    dvp = torch.empty((grid[0], C), device=h_seq.device, dtype=torch.float32)
-    if not h_seq.numel():
-        return dx, dv0, torch.zeros(C, device=h_seq.device)
-    _multi_bwd_kernel[grid](grad_spikes.contiguous(), grad_v_last.contiguous() if grad_v_last is not None else h_seq,
-                            h_seq, Vc, Vc.reciprocal(), dx, dv0, dvp, R, C, R * C, 1.0 / tau, float(alpha), T=T, SG=sg_id,
-                            TERNARY=ternary, DETACH=detach_reset, HAS_GV=grad_v_last is not None, BR=BR, BC=BC, num_warps=TILE["num_warps"])
+    dvp = torch.empty((grid[0], C), device=x_seq.device, dtype=torch.float32)
+    if not x_seq.numel():
+        return dx, dv0, torch.zeros(C, device=x_seq.device)
+    _multi_bwd_kernel[grid](grad_spikes.contiguous(), grad_v_last.contiguous() if grad_v_last is not None else x_seq,
+                            x_seq if recompute else h_seq, x_seq, v0.contiguous() if v0 is not None else x_seq,
+                            Vc, Vc.reciprocal(), dx, dv0 if v0 is not None else dx, dvp, R, C, R * C, 1.0 / tau,
+                            float(alpha), T=T, SG=sg_id, TERNARY=ternary, DETACH=detach_reset,
+                            HAS_GV=grad_v_last is not None, HAS_V0=v0 is not None, RECOMPUTE=recompute, BR=BR, BC=BC,
+                            num_warps=TILE["num_warps"])
     return dx, dv0, dvp.sum(0)

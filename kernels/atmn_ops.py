@@ -45,6 +45,12 @@ def _kernels():
     return atmn
 
 
+def _compiling() -> bool:
+    """Under torch.compile the custom ops (with their fake implementations) are traced; in eager
+    mode the launchers are called directly, which saves the custom-op dispatch on every call."""
+    return torch.compiler.is_compiling()
+
+
 def surrogate_kernel_id(surrogate) -> int | None:
     """Kernel id of a SpikingJelly surrogate module, or None when the kernels do not cover it."""
     if not getattr(surrogate, "spiking", True):
@@ -100,7 +106,8 @@ class _OnceFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, V, T, tau, ternary, write_spikes, count, sg_id, alpha, detach_reset):
-        x_hat, spikes, counts = _once_fwd_op(x, V, T, tau, ternary, write_spikes, count)
+        fwd = _once_fwd_op if _compiling() else _kernels().once_fwd
+        x_hat, spikes, counts = fwd(x, V, T, tau, ternary, write_spikes, count)
         ctx.save_for_backward(x, V)
         ctx.args = (T, tau, sg_id, alpha, ternary, detach_reset)
         ctx.mark_non_differentiable(spikes, counts)
@@ -110,7 +117,8 @@ class _OnceFn(torch.autograd.Function):
     def backward(ctx, g_xhat, g_spikes, g_counts):
         x, V = ctx.saved_tensors
         T, tau, sg_id, alpha, ternary, detach_reset = ctx.args
-        dx, dV = _once_bwd_op(g_xhat.contiguous(), x, V, T, tau, sg_id, alpha, ternary, detach_reset)
+        bwd = _once_bwd_op if _compiling() else _kernels().once_bwd
+        dx, dV = bwd(g_xhat.contiguous(), x, V, T, tau, sg_id, alpha, ternary, detach_reset)
         dV = dV.sum() if V.dim() == 0 else dV.reshape(V.shape)
         return dx, dV, None, None, None, None, None, None, None, None
 
@@ -136,38 +144,47 @@ def _multi_fwd_op(x_seq: Tensor, V: Tensor, v0: Tensor | None, tau: float, terna
 
 @_multi_fwd_op.register_fake
 def _(x_seq, V, v0, tau, ternary):
-    return (torch.empty_like(x_seq), torch.empty_like(x_seq, dtype=torch.float32),
+    from .atmn_constants import RECOMPUTE_MAX_T
+
+    h_shape = x_seq.shape if x_seq.shape[0] > RECOMPUTE_MAX_T else (0,)
+    return (torch.empty_like(x_seq), x_seq.new_empty(h_shape, dtype=torch.float32),
             x_seq.new_empty(x_seq.shape[1:], dtype=torch.float32))
 
 
 @torch.library.custom_op("neuro_mar::atmn_multi_bwd", mutates_args=())
-def _multi_bwd_op(grad_spikes: Tensor, grad_v_last: Tensor | None, h_seq: Tensor, V: Tensor, tau: float, sg_id: int,
-                  alpha: float, ternary: bool, detach_reset: bool, out_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
-    return _kernels().multi_bwd(grad_spikes, grad_v_last, h_seq, V, tau, sg_id, alpha, ternary, detach_reset, out_dtype)
+def _multi_bwd_op(grad_spikes: Tensor, grad_v_last: Tensor | None, h_seq: Tensor, x_seq: Tensor, v0: Tensor | None,
+                  V: Tensor, tau: float, sg_id: int, alpha: float, ternary: bool, detach_reset: bool,
+                  out_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    return _kernels().multi_bwd(grad_spikes, grad_v_last, h_seq, x_seq, v0, V, tau, sg_id, alpha, ternary,
+                                detach_reset, out_dtype)
 
 
 @_multi_bwd_op.register_fake
-def _(grad_spikes, grad_v_last, h_seq, V, tau, sg_id, alpha, ternary, detach_reset, out_dtype):
-    return (torch.empty_like(h_seq, dtype=out_dtype), h_seq.new_empty(h_seq.shape[1:]),
-            h_seq.new_empty((h_seq.shape[-1],)))
+def _(grad_spikes, grad_v_last, h_seq, x_seq, v0, V, tau, sg_id, alpha, ternary, detach_reset, out_dtype):
+    return (torch.empty_like(x_seq, dtype=out_dtype),
+            x_seq.new_empty(x_seq.shape[1:] if v0 is not None else (0,), dtype=torch.float32),
+            x_seq.new_empty((x_seq.shape[-1],), dtype=torch.float32))
 
 
 class _MultiFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_seq, V, v0, tau, ternary, sg_id, alpha, detach_reset):
-        spikes, h_seq, v_last = _multi_fwd_op(x_seq, V, v0, tau, ternary)
-        ctx.save_for_backward(h_seq, V)
+        fwd = _multi_fwd_op if _compiling() else _kernels().multi_fwd
+        spikes, h_seq, v_last = (fwd(x_seq, V, v0, tau, ternary) if _compiling()
+                                 else fwd(x_seq, V, tau, ternary, v0))
+        ctx.save_for_backward(h_seq, x_seq, v0, V)
         ctx.args = (tau, sg_id, alpha, ternary, detach_reset, x_seq.dtype, None if v0 is None else v0.dtype)
         return spikes, v_last
 
     @staticmethod
     def backward(ctx, g_spikes, g_v_last):
-        h_seq, V = ctx.saved_tensors
+        h_seq, x_seq, v0, V = ctx.saved_tensors
         tau, sg_id, alpha, ternary, detach_reset, x_dtype, v0_dtype = ctx.args
         if g_v_last is not None:
             g_v_last = g_v_last.float().contiguous()
-        dx, dv0, dV = _multi_bwd_op(g_spikes.contiguous(), g_v_last, h_seq, V, tau, sg_id,
-                                    alpha, ternary, detach_reset, x_dtype)
+        bwd = _multi_bwd_op if _compiling() else _kernels().multi_bwd
+        dx, dv0, dV = bwd(g_spikes.contiguous(), g_v_last, h_seq, x_seq, v0, V, tau, sg_id, alpha, ternary,
+                          detach_reset, x_dtype)
         dV = dV.sum() if V.dim() == 0 else dV.reshape(V.shape)
         return dx, dV, None if v0_dtype is None else dv0.to(v0_dtype), None, None, None, None, None
 

@@ -113,3 +113,32 @@ def test_stage2_loss_uses_the_fused_op_when_asked(monkeypatch):
     out.backward()
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(st.lm_head.weight.grad, g_ref, rtol=1e-4, atol=1e-6)
+
+
+def test_autocast_fp32_weights_keep_fp32_weight_gradient():
+    """Training runs fp32 master weights under bf16 autocast: the matmuls run in bf16, the weight's
+    gradient accumulates in fp32 and comes back fp32."""
+    h_s, W_s, h_t, W_t = _case(96, 40, 24, 500, torch.float32)
+    a1, b1 = h_s.clone().requires_grad_(), W_s.clone().requires_grad_()
+    linear_sbds_ref(a1, b1, h_t, W_t).backward()
+    a2, b2 = h_s.clone().requires_grad_(), W_s.clone().requires_grad_()
+    with torch.autocast(DEV, dtype=torch.bfloat16):
+        out = fused_linear_sbds(a2, b2, h_t, W_t, chunk=32)
+    out.backward()
+    assert b2.grad.dtype == torch.float32 and a2.grad.dtype == torch.float32
+    torch.testing.assert_close(b2.grad, b1.grad, rtol=5e-2, atol=2e-3)
+    torch.testing.assert_close(a2.grad, a1.grad, rtol=5e-2, atol=2e-3)
+
+
+def test_backward_twice_is_refused():
+    h_s, W_s, h_t, W_t = _case(8, 8, 8, 20, torch.float32)
+    out = fused_linear_sbds(h_s.requires_grad_(), W_s.requires_grad_(), h_t, W_t)
+    out.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="twice"):
+        out.backward()
+
+
+def test_vocab_mismatch_is_refused():
+    h_s, W_s, h_t, W_t = _case(8, 8, 8, 20, torch.float32)
+    with pytest.raises(ValueError, match="words"):
+        fused_linear_sbds(h_s, W_s, h_t, W_t[:-1])
