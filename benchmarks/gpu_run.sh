@@ -14,7 +14,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT
 for stage in $STAGES; do
   case $stage in
     tests) python3 -P -m pytest -q -p no:cacheprovider tests/test_atmn_kernel.py tests/test_ssm_gpu.py tests/test_sbds_kernel.py 2>&1 | tee "$OUT/gpu_tests.log" ;;
-    gputests) python3 -P -m pytest -q -p no:cacheprovider -rf tests/test_ssm_gpu.py tests/test_atmn_kernel.py -k "gpu or full_size or dtypes_and_shapes or multistep_bf16 or without_triton or when_forced" 2>&1 | tee "$OUT/gpu_tests.log" ;;
+    gputests) python3 -P -m pytest -q -p no:cacheprovider -rf tests/test_ssm_gpu.py tests/test_atmn_kernel.py tests/test_sbds_kernel.py -k "gpu or full_size or dtypes_and_shapes or multistep or without_triton or when_forced or sbds or reference or autocast" 2>&1 | tee "$OUT/gpu_tests.log" ;;
     atmn) python3 -P benchmarks/atmn.py 2>&1 | tee "$OUT/atmn_bench.log" ;;
     sbds) python3 -P benchmarks/sbds.py 2>&1 | tee "$OUT/sbds_bench.log" ;;
     *) echo "unknown stage $stage" ;;

@@ -349,7 +349,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", required=True, metavar="DIR")
     r.add_argument("--teacher", help="smollm2-135m (default), a local HF folder or a .gguf file")
     r.add_argument("--preset", choices=sorted(PRESETS), default="quick",
-                   help="quick: <= 15 min on a 2-core CPU; gpu: one H200 in ~25 min; tiny: smoke test")
+                   help="quick: <= 15 min on a 2-core CPU; gpu: one H200 in ~25 min (time budgets per stage, "
+                        "binary ablation, throughput check); tiny: smoke test")
     r.add_argument("--data", action="append", metavar="FILE",
                    help=".txt, .jsonl, .parquet or a saved datasets folder (repeatable)")
     r.add_argument("--text-field")
@@ -370,8 +371,23 @@ def build_parser() -> argparse.ArgumentParser:
                            ("beta", float, "SBDS reverse-KL weight (paper: 0.7)"),
                            ("gamma", float, "SBDS feature-alignment weight"), ("temperature", float, None),
                            ("ce_weight", float, "add next-token cross-entropy"),
-                           ("calib_percentile", float, None)]:
+                           ("calib_percentile", float, None),
+                           ("seconds_1a", float, "wall-time budget of Stage 1a in s: steps are cut to fit (0 = none)"),
+                           ("seconds_1b", float, "wall-time budget of Stage 1b in s"),
+                           ("seconds_1c", float, "wall-time budget of Stage 1c in s"),
+                           ("seconds_2", float, "wall-time budget of Stage 2 in s"),
+                           ("seconds_ablation", float, "wall-time budget of each ablation's Stage 2 (0: as Stage 2)"),
+                           ("eval_max_tokens", int, "tokens of --eval-data to evaluate (default 65536; 0 = all)"),
+                           ("throughput_steps", int, "time N Stage-2 steps with the fused kernels and with the "
+                                                     "PyTorch reference paths (0 = skip)"),
+                           ("throughput_micro_batch", int, "sequences per step of that measurement")]:
         r.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, help=hlp)
+    r.add_argument("--eval-data", metavar="FILE",
+                   help="text file for perplexity, KL and agreement of every model (e.g. WikiText-2 valid)")
+    r.add_argument("--eval-task", dest="eval_tasks", action="append", metavar="FILE.jsonl",
+                   help="zero-shot multiple-choice set (ARC, PIQA, HellaSwag jsonl) for every model (repeatable)")
+    r.add_argument("--ablation-neuron", dest="ablation_neurons", action="append", metavar="NAME",
+                   help="also run Stage 2 with this neuron from the same Stage-1 model (repeatable)")
     r.add_argument("--features", choices=["pre", "post", "both"], help="SBDS feature position (paper: pre)")
     r.add_argument("--stage2-teacher", choices=["stage1", "teacher"], help="distil Stage 2 from (default stage1)")
     r.set_defaults(func=_cmd_refine)

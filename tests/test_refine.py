@@ -156,7 +156,8 @@ def test_two_process_gloo_matches_one_process(tmp_path, mode):
         assert abs(a - b) <= 1e-5 * max(1.0, abs(a)), (l1, l2)
 
 
-@pytest.mark.parametrize("case", ["missing", "empty", "not_llama", "seq_too_long", "bad_neuron"])
+@pytest.mark.parametrize("case", ["missing", "empty", "not_llama", "seq_too_long", "bad_neuron", "bad_task",
+                                  "bad_ablation"])
 def test_bad_input_clear_error_and_no_output_folder(case, tmp_path, teacher_dir, data_file):
     out = tmp_path / "run"
     args = ["refine", "--out", str(out), "--preset", "tiny", "--teacher", str(teacher_dir), "--data", str(data_file)]
@@ -178,6 +179,12 @@ def test_bad_input_clear_error_and_no_output_folder(case, tmp_path, teacher_dir,
     elif case == "seq_too_long":
         args += ["--seq-len", "100000"]
         match = "fewer than one sequence"
+    elif case == "bad_task":
+        args += ["--eval-task", str(tmp_path / "arc.jsonl")]
+        match = "eval-task.*does not exist"
+    elif case == "bad_ablation":
+        args += ["--ablation-neuron", "nope"]
+        match = "unknown neuron"
     else:
         args += ["--neuron", "nope"]
         match = "unknown neuron"
@@ -264,3 +271,58 @@ def test_sbds_loss_matches_definition():
     torch.testing.assert_close(sbds_logit_loss(s, t, 0.2, 0.7, mask=mask), ref)
     torch.testing.assert_close(sbds_logit_loss(s, t, 1, 0, temperature=2.0),
                                4 * (torch.softmax(t / 2, -1) * (torch.log_softmax(t / 2, -1) - torch.log_softmax(s / 2, -1))).sum(-1).mean())
+
+
+def _arc_file(path, n=6):
+    items = []
+    for i in range(n):
+        items.append({"question": f"w{i} w{i + 1}", "choices": {"text": [f"w{i + 2}", f"w{i + 40}", f"w{i + 60}"],
+                                                                  "label": ["A", "B", "C"]}, "answerKey": "A"})
+    path.write_text("\n".join(json.dumps(d) for d in items) + "\n")
+    return path
+
+
+def test_gpu_style_run_with_budgets_eval_ablation_and_throughput(tmp_path, teacher_dir, data_file):
+    """What the gpu preset adds, on a tiny teacher: a wall-time budget cuts Stage 2's steps, the
+    report evaluates every model on --eval-data and --eval-task, trains and reports a binary-neuron
+    ablation, and times Stage 2 with the fused and the reference paths."""
+    out = tmp_path / "run"
+    arc = _arc_file(tmp_path / "arc.jsonl")
+    assert main(["refine", "--out", str(out), "--preset", "tiny", "--teacher", str(teacher_dir),
+                 "--data", str(data_file), "--steps-2", "12", "--seconds-2", "1e-6", "--eval-data", str(data_file),
+                 "--eval-max-tokens", "320", "--eval-task", str(arc), "--ablation-neuron", "binary",
+                 "--throughput-steps", "2", "--throughput-micro-batch", "2"]) == 0
+    rep = json.loads((out / "report.json").read_text())
+    assert set(rep["models"]) == {"teacher", "stage1_ssm", "spiking_before_stage2", "spiking_student",
+                                  "ablation_binary"}
+    for name, m in rep["models"].items():
+        assert m["eval_perplexity"] > 1 and 0 <= m["arc_acc"] <= 1 and 0 <= m["arc_acc_norm"] <= 1
+        assert (name == "teacher") == ("eval_kl_to_teacher" not in m)
+    assert rep["evaluation"]["eval_data"]["tokens"] == 320 and rep["evaluation"]["tasks"]["arc"]["items"] == 6
+    recs = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    from neuro_mar.refine.trainer import BUDGET_PROBE_STEPS
+
+    assert max(r["step"] for r in recs if r["stage"] == "stage2") == BUDGET_PROBE_STEPS  # cut from 12
+    assert max(r["step"] for r in recs if r["stage"] == "stage2-binary") == BUDGET_PROBE_STEPS
+    tp = rep["throughput"]
+    assert tp["fused"]["tokens_per_s"] > 0 and tp["reference"]["tokens_per_s"] > 0 and tp["speedup"] > 0
+    assert 0 < rep["ablations"]["binary"]["mean_firing_rate"] < 1
+    md = (out / "report.md").read_text()
+    assert "ablation_binary" in md and "arc acc" in md and "Fused / reference" in md
+
+
+def test_budget_survives_resume(tmp_path):
+    """A budget-cut stage resumes with the cut step count, not the configured one."""
+    from neuro_mar.refine.trainer import BUDGET_PROBE_STEPS
+
+    rows = torch.randint(0, 50, (16, 8))
+    model = torch.nn.Embedding(50, 4)
+    loss = lambda m, b: m(b).pow(2).mean()  # noqa: E731
+    cfg = TrainConfig(steps=20, lr=1e-2, warmup=0, micro_batch=2, ckpt_every=1, max_seconds=1e-6)
+    t = Trainer(model, loss, rows, cfg, tmp_path, "s", progress=False)
+    t.run(stop_after=BUDGET_PROBE_STEPS + 1)
+    assert cfg.steps == BUDGET_PROBE_STEPS and t.step == BUDGET_PROBE_STEPS
+    cfg2 = TrainConfig(steps=20, lr=1e-2, warmup=0, micro_batch=2, ckpt_every=1, max_seconds=1e-6)
+    t2 = Trainer(torch.nn.Embedding(50, 4), loss, rows, cfg2, tmp_path, "s", progress=False)
+    assert t2.try_resume() and cfg2.steps == BUDGET_PROBE_STEPS
+    assert len(t2.run()) == BUDGET_PROBE_STEPS

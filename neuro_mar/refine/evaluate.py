@@ -35,18 +35,20 @@ def perplexity(model, rows: torch.Tensor, batch: int = 8) -> float:
 
 @torch.no_grad()
 def agreement(student, teacher, rows: torch.Tensor, batch: int = 8) -> dict:
-    """Mean KL(teacher || student) per token and top-1 agreement with the teacher."""
+    """Mean KL(teacher || student) per token and top-1 agreement with the teacher (computed on
+    the student's device)."""
     student.eval()
     teacher.eval()
     kl, agree, n = 0.0, 0, 0
     for i in range(0, rows.shape[0], batch):
         ids = rows[i:i + batch]
-        s = student(input_ids=ids.to(student.device)).logits.float().cpu()
-        t = teacher(input_ids=ids.to(teacher.device)).logits.float().cpu()
+        s = student(input_ids=ids.to(student.device)).logits.float()
+        t = teacher(input_ids=ids.to(teacher.device)).logits.float().to(s.device)
         log_q, log_p = F.log_softmax(s, -1), F.log_softmax(t, -1)
         kl += (log_p.exp() * (log_p - log_q)).sum(-1).sum().item()
         agree += (s.argmax(-1) == t.argmax(-1)).sum().item()
         n += ids.numel()
+        del s, t, log_q, log_p
     return {"kl_to_teacher": kl / n, "top1_agreement": agree / n}
 
 
@@ -123,11 +125,14 @@ def score_multiple_choice(model, tokenizer, items: list[dict], batch: int = 16, 
         inp = torch.zeros(len(seqs), L, dtype=torch.long)
         for r, s in enumerate(seqs):
             inp[r, :len(s) - 1] = torch.tensor(s[:-1])  # right padding: earlier positions unaffected
-        logp = F.log_softmax(model(input_ids=inp.to(model.device)).logits.float(), -1).cpu()
-        for r, ((i, j, c, k), s) in enumerate(zip(chunk, seqs)):
+        logits = model(input_ids=inp.to(model.device)).logits
+        sums = []
+        for r, ((i, j, c, k), s) in enumerate(zip(chunk, seqs)):  # log-softmax of the continuation only
             n = len(k)
-            pos = torch.arange(len(s) - 1 - n, len(s) - 1)
-            ll[(i, j)] = logp[r, pos, torch.tensor(s[-n:])].sum().item()
+            logp = F.log_softmax(logits[r, len(s) - 1 - n:len(s) - 1].float(), -1)
+            sums.append(logp.gather(1, torch.tensor(s[-n:], device=logp.device)[:, None]).sum())
+        for ((i, j, _, _), v) in zip(chunk, torch.stack(sums).tolist()):
+            ll[(i, j)] = v
     acc = acc_norm = 0
     for i, it in enumerate(items):
         scores = [ll[(i, j)] for j in range(len(it["choices"]))]

@@ -71,16 +71,36 @@ class RefineConfig:
     eval_rows: int = 16
     energy_contexts: tuple = (512, 4096)
     fsdp: bool = False
+    # wall-time budgets per sub-stage in seconds (0 = none): after a few timed steps the stage's
+    # step count is cut to what fits, and its cosine schedule follows
+    seconds_1a: float = 0.0
+    seconds_1b: float = 0.0
+    seconds_1c: float = 0.0
+    seconds_2: float = 0.0
+    seconds_ablation: float = 0.0  # each ablation's Stage 2; 0: as seconds_2
+    # evaluation beyond the held-out split: a text file for perplexity / KL / agreement (e.g.
+    # WikiText-2 valid) and zero-shot multiple-choice jsonl files (ARC, PIQA, HellaSwag)
+    eval_data: str | None = None
+    eval_max_tokens: int = 65536  # 0: all of it
+    eval_tasks: list = field(default_factory=list)
+    # Stage 2 again, from the same Stage-1 model, with these neurons (reported as ablations)
+    ablation_neurons: list = field(default_factory=list)
+    # > 0: time this many Stage-2 training steps with the fused kernels and with the PyTorch
+    # reference paths (same trainer, same batch)
+    throughput_steps: int = 0
+    throughput_micro_batch: int = 8
 
 
 PRESETS = {
     # a fresh 2-core CPU machine, at most 15 minutes with the default teacher
     "quick": dict(seq_len=128, generated_tokens=12288, steps_1a=0, steps_1b=24, steps_1c=16, steps_2=30,
                   micro_batch=4, ckpt_every=10, eval_rows=12),
-    # one H200 within 25 minutes (bf16 autocast, fused kernels on CUDA)
-    "gpu": dict(seq_len=1024, generated_tokens=262144, steps_1a=0, steps_1b=400, steps_1c=600, steps_2=1500,
-                micro_batch=16, grad_accum=1, ckpt_every=200, eval_rows=64, lr_1b=5e-4, lr_1c=2e-4, lr_2=2e-4,
-                warmup=50),
+    # one H200 within about 25 minutes: bf16 autocast and the fused kernels on CUDA; each stage
+    # stops at its wall-time budget; WikiText-2 valid and ARC come in through --eval-data/--eval-task
+    "gpu": dict(seq_len=1024, generated_tokens=131072, mix_generated=True, steps_1a=0, steps_1b=4000,
+                steps_1c=8000, steps_2=8000, seconds_1b=150, seconds_1c=330, seconds_2=420, seconds_ablation=240,
+                micro_batch=16, grad_accum=1, ckpt_every=200, eval_rows=32, lr_1b=1e-3, lr_1c=3e-4, lr_2=2e-4,
+                warmup=30, eval_max_tokens=0, ablation_neurons=["binary"], throughput_steps=6),
     # the smallest end-to-end run (tests, smoke checks)
     "tiny": dict(seq_len=32, generated_tokens=2048, steps_1a=2, steps_1b=3, steps_1c=3, steps_2=3, micro_batch=2,
                  ckpt_every=2, eval_rows=2, energy_contexts=(64,)),
@@ -133,6 +153,15 @@ def loss_1b(student, teacher, ids):
 
 
 def loss_1c(student, teacher, ids):
+    """End-to-end forward KL on the logits (through the fused SBDS op on CUDA: alpha 1, beta 0)."""
+    if _use_fused_sbds(ids):
+        from ..kernels.sbds import fused_linear_sbds
+
+        with torch.no_grad():
+            t = teacher.model(input_ids=ids)
+        s = student.model(input_ids=ids)
+        return fused_linear_sbds(s.last_hidden_state, student.lm_head.weight, t.last_hidden_state,
+                                 teacher.lm_head.weight, alpha=1.0, beta=0.0)
     with torch.no_grad():
         t = teacher(input_ids=ids).logits
     return sbds_logit_loss(student(input_ids=ids).logits, t, alpha=1.0, beta=0.0)
@@ -198,10 +227,21 @@ def prepare(cfg: RefineConfig, progress: bool = True):
     Returns (teacher, tokenizer, train rows, held-out rows)."""
     from ..teachers import load_teacher
 
-    if cfg.neuron not in __import__("neuro_mar").neurons.available():
-        raise RefineError(f"unknown neuron {cfg.neuron!r}; see `neuro-mar neurons`")
+    from .evaluate import load_multiple_choice
+
+    known = __import__("neuro_mar").neurons.available()
+    for name in [cfg.neuron, *cfg.ablation_neurons]:
+        if name not in known:
+            raise RefineError(f"unknown neuron {name!r}; see `neuro-mar neurons`")
     for p in cfg.data:
         read_texts(p, cfg.text_field)  # raises DataError with the file name
+    if cfg.eval_data:
+        read_texts(cfg.eval_data, cfg.text_field)
+    for p in cfg.eval_tasks:
+        try:
+            load_multiple_choice(p)
+        except (FileNotFoundError, ValueError) as err:
+            raise RefineError(f"--eval-task: {err}") from None
     try:
         teacher, tok = load_teacher(cfg.teacher)
     except FileNotFoundError as err:
@@ -216,7 +256,11 @@ def prepare(cfg: RefineConfig, progress: bool = True):
     for p in cfg.data:
         texts += read_texts(p, cfg.text_field)
     if not cfg.data or cfg.mix_generated:
-        texts += teacher_generated_texts(teacher, tok, cfg.generated_tokens, progress=progress, seed=cfg.seed)
+        gen_device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
+        gen = teacher.to(gen_device) if gen_device is not None else teacher
+        texts += teacher_generated_texts(gen, tok, cfg.generated_tokens, progress=progress, seed=cfg.seed,
+                                         batch=64 if gen_device is not None else 16)
+        teacher = gen.cpu()
     rows = tokenize_and_pack(texts, tok, cfg.seq_len, cfg.max_tokens)
     train, held = split_heldout(rows, cfg.heldout_fraction)
     if train.shape[0] < cfg.micro_batch:
@@ -225,9 +269,10 @@ def prepare(cfg: RefineConfig, progress: bool = True):
     return teacher.float(), tok, train, held[: cfg.eval_rows]
 
 
-def _tcfg(cfg: RefineConfig, steps: int, lr: float) -> TrainConfig:
+def _tcfg(cfg: RefineConfig, steps: int, lr: float, seconds: float = 0.0) -> TrainConfig:
     return TrainConfig(steps=steps, lr=lr, warmup=min(cfg.warmup, max(steps - 1, 0)), micro_batch=cfg.micro_batch,
-                       grad_accum=cfg.grad_accum, seed=cfg.seed, ckpt_every=cfg.ckpt_every, fsdp=cfg.fsdp)
+                       grad_accum=cfg.grad_accum, seed=cfg.seed, ckpt_every=cfg.ckpt_every, fsdp=cfg.fsdp,
+                       max_seconds=seconds)
 
 
 def _save_model(model, tok, path: Path) -> None:
@@ -272,45 +317,61 @@ def run_refine(cfg: RefineConfig, out: str | Path, resume: bool = False, progres
     student.to(device)
     timings, tokens = {}, {}
 
-    def stage(name, model, teacher_model, fn, steps, lr):
+    def stage(name, model, teacher_model, fn, steps, lr, seconds=0.0):
         """Train ``model`` for one sub-stage; returns it (an unsharded copy after FSDP)."""
         if steps <= 0:
             return model
         t0 = time.time()
-        trainer = Trainer(_Bound(model, teacher_model, fn), lambda m, b: m(b), train, _tcfg(cfg, steps, lr), out,
+        tcfg = _tcfg(cfg, steps, lr, seconds)
+        trainer = Trainer(_Bound(model, teacher_model, fn), lambda m, b: m(b), train, tcfg, out,
                           name, progress=progress, device=device,
                           shard_units=lambda bound: list(bound.student.model.layers))
         if resume:
             trainer.try_resume()
         trainer.run()
         timings[name] = time.time() - t0
-        tokens[name] = steps * cfg.micro_batch * cfg.grad_accum * train.shape[1] * world()[1]
+        tokens[name] = tcfg.steps * cfg.micro_batch * cfg.grad_accum * train.shape[1] * world()[1]
         return trainer.result().student
 
     stage1_dir = out / "stage1"
     if resume and (stage1_dir / "config.json").is_file():
         student = MARForCausalLM.from_pretrained(stage1_dir).to(device)
     else:
-        student = stage("stage1a", student, teacher, loss_1a, cfg.steps_1a, cfg.lr_1a)
-        student = stage("stage1b", student, teacher, loss_1b, cfg.steps_1b, cfg.lr_1b)
-        student = stage("stage1c", student, teacher, loss_1c, cfg.steps_1c, cfg.lr_1c)
+        student = stage("stage1a", student, teacher, loss_1a, cfg.steps_1a, cfg.lr_1a, cfg.seconds_1a)
+        student = stage("stage1b", student, teacher, loss_1b, cfg.steps_1b, cfg.lr_1b, cfg.seconds_1b)
+        student = stage("stage1c", student, teacher, loss_1c, cfg.steps_1c, cfg.lr_1c, cfg.seconds_1c)
         if rank == 0:
             _save_model(student, tok, stage1_dir)
     stage1 = student.eval()
-    spiking = copy.deepcopy(stage1)
-    spiking.set_neurons(cfg.neuron, **cfg.neuron_options)
-    calib = train[: cfg.micro_batch].to(device)
-    spiking.calibrate_thresholds([calib], percentile=cfg.calib_percentile)
-    before = copy.deepcopy(spiking).eval()
-    stage2_teacher = stage1 if cfg.stage2_teacher == "stage1" else teacher
     stage1.requires_grad_(False)
-    spiking = stage("stage2", spiking, stage2_teacher, make_loss_2(cfg), cfg.steps_2, cfg.lr_2)
+    stage2_teacher = stage1 if cfg.stage2_teacher == "stage1" else teacher
+    calib = train[: cfg.micro_batch].to(device)
+
+    def spiking_from_stage1(neuron):
+        m = copy.deepcopy(stage1).requires_grad_(True)
+        m.set_neurons(neuron, **(cfg.neuron_options if neuron == cfg.neuron else {}))
+        m.calibrate_thresholds([calib], percentile=cfg.calib_percentile)
+        return m
+
+    spiking = spiking_from_stage1(cfg.neuron)
+    before = copy.deepcopy(spiking).eval()
+    spiking = stage("stage2", spiking, stage2_teacher, make_loss_2(cfg), cfg.steps_2, cfg.lr_2, cfg.seconds_2)
     spiking.eval()
+    ablations = {}
+    for neuron in cfg.ablation_neurons:
+        m = stage(f"stage2-{neuron}", spiking_from_stage1(neuron), stage2_teacher, make_loss_2(cfg), cfg.steps_2,
+                  cfg.lr_2, cfg.seconds_ablation or cfg.seconds_2)
+        ablations[neuron] = m.eval()
+    throughput = None
+    if cfg.throughput_steps > 0 and not distributed:
+        from .throughput import stage2_throughput
+
+        throughput = stage2_throughput(cfg, stage2_teacher, before, train, device, make_loss_2(cfg))
     report = None
     if rank == 0:
         _save_model(spiking, tok, out / "student")
         report = build_report(cfg, out, teacher, stage1, before, spiking, tok, held, timings, tokens,
-                              time.time() - t_start)
+                              time.time() - t_start, ablations=ablations, throughput=throughput)
     if distributed:
         shutdown_distributed()
     return report

@@ -51,28 +51,79 @@ def _plots(out: Path, firing: dict) -> list[str]:
     return paths
 
 
-def build_report(cfg, out: Path, teacher, stage1, before, student, tok, held, timings, tokens, wall) -> dict:
+def _energy_rows(model, activity, contexts) -> dict:
     from ..hardware_models import estimate_energy
+
+    energy = {}
+    for ctx in contexts:
+        rep = estimate_energy(model, activity=activity, context=int(ctx))
+        energy[str(ctx)] = {name: {k: t[k] for k in ("student_J_per_token", "stage1_J_per_token", "teacher_J_per_token",
+                                                     "ratio_teacher", "ratio_stage1", "decode_ratio_teacher")}
+                            for name, t in rep.targets.items()}
+    return energy
+
+
+def _firing(activity) -> dict:
+    return {f"L{k[0]:02d}.{k[1]}": v["firing_rate"] for k, v in activity.items() if isinstance(k, tuple)}
+
+
+def _extended_eval(cfg, models: dict, teacher, tok) -> tuple[dict, dict]:
+    """Perplexity, KL and agreement on ``cfg.eval_data`` and zero-shot accuracy on ``cfg.eval_tasks``
+    for every model; returns (per-model rows, description of what was evaluated)."""
+    from .data import read_texts, tokenize_and_pack
+    from .evaluate import load_multiple_choice, score_multiple_choice
+
+    rows = {name: {} for name in models}
+    info = {}
+    if cfg.eval_data:
+        ev = tokenize_and_pack(read_texts(cfg.eval_data, cfg.text_field), tok, cfg.seq_len,
+                               cfg.eval_max_tokens if cfg.eval_max_tokens > 0 else None)
+        info["eval_data"] = {"file": str(cfg.eval_data), "tokens": int(ev.numel()), "seq_len": cfg.seq_len}
+        for name, m in models.items():
+            rows[name]["eval_perplexity"] = perplexity(m, ev)
+            if name != "teacher":
+                rows[name].update({f"eval_{k}": v for k, v in agreement(m, teacher, ev).items()})
+    for path in cfg.eval_tasks:
+        task = Path(path).stem
+        items = load_multiple_choice(path)
+        info.setdefault("tasks", {})[task] = {"file": str(path), "items": len(items)}
+        for name, m in models.items():
+            r = score_multiple_choice(m, tok, items)
+            rows[name][f"{task}_acc"] = r["acc"]
+            rows[name][f"{task}_acc_norm"] = r["acc_norm"]
+    return rows, info
+
+
+def build_report(cfg, out: Path, teacher, stage1, before, student, tok, held, timings, tokens, wall,
+                 ablations: dict | None = None, throughput: dict | None = None) -> dict:
     from ..hardware_models.counting import measure_site_activity
 
+    ablations = ablations or {}
     models = {"teacher": teacher, "stage1_ssm": stage1, "spiking_before_stage2": before, "spiking_student": student}
+    models.update({f"ablation_{name}": m for name, m in ablations.items()})
     rows = {}
     for name, m in models.items():
         r = {"heldout_perplexity": perplexity(m, held)}
         if name != "teacher":
             r.update(agreement(m, teacher, held))
         rows[name] = r
+    extra, eval_info = _extended_eval(cfg, models, teacher, tok)
+    for name, r in extra.items():
+        rows[name].update(r)
     activity = measure_site_activity(student, [held])
-    firing = {f"L{k[0]:02d}.{k[1]}": v["firing_rate"] for k, v in activity.items() if isinstance(k, tuple)}
-    energy = {}
-    for ctx in cfg.energy_contexts:
-        rep = estimate_energy(student, activity=activity, context=int(ctx))
-        energy[str(ctx)] = {name: {k: t[k] for k in ("student_J_per_token", "stage1_J_per_token", "teacher_J_per_token",
-                                                     "ratio_teacher", "ratio_stage1", "decode_ratio_teacher")}
-                            for name, t in rep.targets.items()}
+    firing = _firing(activity)
+    energy = _energy_rows(student, activity, cfg.energy_contexts)
+    ablation_info = {}
+    for name, m in ablations.items():
+        act = measure_site_activity(m, [held])
+        fr = _firing(act)
+        ablation_info[name] = {"mean_firing_rate": sum(fr.values()) / max(1, len(fr)),
+                               "energy_per_token": _energy_rows(m, act, cfg.energy_contexts)}
     plots = _plots(out, firing)
-    report = {"teacher": cfg.teacher, "neuron": cfg.neuron, "models": rows, "firing_rates": firing,
+    report = {"teacher": cfg.teacher, "neuron": cfg.neuron, "models": rows, "evaluation": eval_info,
+              "firing_rates": firing,
               "mean_firing_rate": sum(firing.values()) / max(1, len(firing)), "energy_per_token": energy,
+              "ablations": ablation_info, "throughput": throughput,
               "stage_seconds": timings, "stage_tokens": tokens, "wall_seconds": wall,
               "heldout_tokens": int(held.numel()), "plots": plots,
               "closer_to_teacher_after_stage2": (rows["spiking_student"]["kl_to_teacher"]
@@ -84,16 +135,38 @@ def build_report(cfg, out: Path, teacher, stage1, before, student, tok, held, ti
     return report
 
 
+def _fmt(v, spec):
+    return "-" if v is None else format(v, spec)
+
+
 def render_markdown(r: dict) -> str:
     lines = [f"# MAR refinement report", "",
              f"Teacher `{r['teacher']}`, neuron `{r['neuron']}`, held-out tokens {r['heldout_tokens']}, "
              f"wall time {r['wall_seconds']:.0f} s.", "",
              "| model | held-out perplexity | KL to teacher (nats/token) | top-1 agreement |", "|---|---|---|---|"]
     for name, m in r["models"].items():
-        kl = m.get("kl_to_teacher")
-        ag = m.get("top1_agreement")
-        lines.append(f"| {name} | {m['heldout_perplexity']:.2f} | {'-' if kl is None else f'{kl:.4f}'} | "
-                     f"{'-' if ag is None else f'{ag:.3f}'} |")
+        lines.append(f"| {name} | {m['heldout_perplexity']:.2f} | {_fmt(m.get('kl_to_teacher'), '.4f')} | "
+                     f"{_fmt(m.get('top1_agreement'), '.3f')} |")
+    ev = r.get("evaluation") or {}
+    if ev:
+        tasks = list(ev.get("tasks", {}))
+        head = ["model"]
+        if "eval_data" in ev:
+            head += ["eval perplexity", "eval KL", "eval agreement"]
+        for t in tasks:
+            head += [f"{t} acc", f"{t} acc_norm"]
+        lines += ["", "Evaluation" + (f" on `{ev['eval_data']['file']}` ({ev['eval_data']['tokens']} tokens)"
+                                      if "eval_data" in ev else "")
+                  + ("; zero-shot: " + ", ".join(f"{t} ({ev['tasks'][t]['items']} items)" for t in tasks) if tasks else "")
+                  + ":", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for name, m in r["models"].items():
+            cells = [name]
+            if "eval_data" in ev:
+                cells += [_fmt(m.get("eval_perplexity"), ".2f"), _fmt(m.get("eval_kl_to_teacher"), ".4f"),
+                          _fmt(m.get("eval_top1_agreement"), ".3f")]
+            for t in tasks:
+                cells += [_fmt(m.get(f"{t}_acc"), ".4f"), _fmt(m.get(f"{t}_acc_norm"), ".4f")]
+            lines.append("| " + " | ".join(cells) + " |")
     lines += ["", f"Mean firing rate {r['mean_firing_rate']:.3f} (per layer and site: `firing_rates.png`, report.json).", ""]
     for ctx, targets in r["energy_per_token"].items():
         lines += [f"Estimated energy per token at context {ctx} (ratios = reference / spiking student):", "",
@@ -103,6 +176,25 @@ def render_markdown(r: dict) -> str:
             lines.append(f"| {name} | {t['student_J_per_token'] * 1e12:.4g} | {t['stage1_J_per_token'] * 1e12:.4g} | "
                          f"{t['teacher_J_per_token'] * 1e12:.4g} | {t['ratio_teacher']:.2f} | {t['ratio_stage1']:.2f} | "
                          f"{t['decode_ratio_teacher']:.2f} |")
+        lines.append("")
+    for name, a in (r.get("ablations") or {}).items():
+        e = ", ".join(f"{ctx}: {t['45nm-fp32']['ratio_teacher']:.2f}x" for ctx, t in a["energy_per_token"].items()
+                      if "45nm-fp32" in t)
+        lines += [f"Ablation `{name}`: mean firing rate {a['mean_firing_rate']:.3f}; 45 nm fp32 energy vs teacher "
+                  f"by context {e or '-'}.", ""]
+    tp = r.get("throughput")
+    if tp:
+        lines += [f"Stage-2 training throughput ({tp['micro_batch']} x {tp['seq_len']} tokens per step, median of "
+                  f"{tp['timed_steps']} steps):", "", "| paths | tokens/s | s/step | peak GiB |", "|---|---|---|---|"]
+        for mode in ("fused", "reference"):
+            m = tp.get(mode, {})
+            if "error" in m:
+                lines.append(f"| {mode} | {m['error']} | | |")
+            else:
+                lines.append(f"| {mode} | {m['tokens_per_s']:.0f} | {m['seconds_per_step']:.3f} | "
+                             f"{_fmt(m.get('peak_memory_GiB'), '.1f')} |")
+        if "speedup" in tp:
+            lines += ["", f"Fused / reference: {tp['speedup']:.2f}x."]
         lines.append("")
     lines += ["Stage wall time (s) and tokens: " + ", ".join(f"{k} {v:.0f} s / {r['stage_tokens'].get(k, 0)} tok"
                                                            for k, v in r["stage_seconds"].items()), "",

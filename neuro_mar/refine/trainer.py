@@ -40,6 +40,10 @@ class TrainConfig:
     ckpt_every: int = 50
     bf16: bool = True  # autocast on CUDA only
     fsdp: bool = False  # shard parameters, gradients and optimizer state across processes (FSDP2)
+    max_seconds: float = 0.0  # > 0: after BUDGET_PROBE_STEPS steps, cut `steps` to what fits this wall time
+
+    def budgeted(self) -> bool:
+        return self.max_seconds > 0
 
     def validate(self) -> None:
         for k in ("steps", "micro_batch", "grad_accum", "ckpt_every"):
@@ -47,6 +51,13 @@ class TrainConfig:
                 raise ValueError(f"TrainConfig.{k} must be positive, got {getattr(self, k)}")
         if self.lr <= 0:
             raise ValueError(f"TrainConfig.lr must be > 0, got {self.lr}")
+        if self.max_seconds < 0:
+            raise ValueError(f"TrainConfig.max_seconds must be >= 0, got {self.max_seconds}")
+
+
+#: steps timed before a time budget fixes the number of steps (the first one, which compiles
+#: kernels and warms caches, is not counted)
+BUDGET_PROBE_STEPS = 4
 
 
 def lr_lambda(cfg: TrainConfig):
@@ -184,7 +195,11 @@ class Trainer:
         if p is None or not p.is_file():
             return False
         state = torch.load(p, map_location="cpu", weights_only=False)
-        if state["cfg"] != asdict(self.cfg):
+        saved, mine = dict(state["cfg"]), asdict(self.cfg)
+        if self.cfg.budgeted():  # the budget may have cut the steps: take the checkpoint's
+            saved_steps = saved.pop("steps")
+            mine.pop("steps")
+        if saved != mine:
             raise ValueError(f"checkpoint {p} was written with a different training configuration "
                              f"({state['cfg']}); resume with the same options or use a new --out")
         if self.sharded:
@@ -197,6 +212,8 @@ class Trainer:
         else:
             self.module.load_state_dict(state["module"])
             self.opt.load_state_dict(state["opt"])
+        if self.cfg.budgeted():
+            self.cfg.steps = saved_steps
         self.sched.load_state_dict(state["sched"])
         self.step, self.history = state["step"], state["history"]
         torch.set_rng_state(state["rng"]["torch"])
@@ -256,6 +273,11 @@ class Trainer:
                    "tokens": tokens, "tokens_per_s": tokens / dt, "seconds": dt,
                    "grad_norm": float(norm) if norm is not None else None}
             self._metrics(rec)
+            if cfg.budgeted() and self.step == BUDGET_PROBE_STEPS:
+                target = self._apply_budget(target, stop_after)
+                if bar is not None:
+                    bar.total = cfg.steps
+                    bar.refresh()
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}")
@@ -264,6 +286,19 @@ class Trainer:
         if bar is not None:
             bar.close()
         return self.history
+
+    def _apply_budget(self, target: int, stop_after: int | None) -> int:
+        """Fix ``cfg.steps`` to the steps that fit ``cfg.max_seconds`` at the speed of the probe
+        steps (all ranks agree: rank 0's figure is broadcast). The cosine schedule follows."""
+        times = [r["seconds"] for r in self.history if r["stage"] == self.name][1:BUDGET_PROBE_STEPS]
+        per_step = sum(times) / max(1, len(times))
+        steps = min(self.cfg.steps, max(BUDGET_PROBE_STEPS, int(self.cfg.max_seconds / max(per_step, 1e-9))))
+        if self.world > 1:
+            t = torch.tensor([steps], device=self.device)
+            dist.broadcast(t, 0)
+            steps = int(t)
+        self.cfg.steps = steps
+        return steps if stop_after is None else min(steps, target)
 
 
 class _null:

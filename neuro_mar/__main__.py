@@ -1,0 +1,6 @@
+"""``python -m neuro_mar`` runs the ``neuro-mar`` command line."""
+import sys
+
+from .cli import main
+
+sys.exit(main())
