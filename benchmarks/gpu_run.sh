@@ -7,6 +7,7 @@ set -uo pipefail
 OUT=${OUT:-benchmarks/results}
 STAGES=${STAGES:-"tests atmn"}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+rm -rf /tmp/nm  # never run a stale copy of the package
 python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --target /tmp/nm . || exit 1
 export PYTHONPATH=/tmp/nm:/tmp/site:$PWD/.carry/mamba
 export PYTHONUNBUFFERED=1

@@ -27,6 +27,7 @@ LOG="$RESULTS/refine.log"
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 fi
+rm -rf /tmp/nm  # never run a stale copy of the package
 python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --target /tmp/nm . || exit 1
 export PYTHONPATH=/tmp/nm:/tmp/site:$PWD/.carry/mamba${PYTHONPATH:+:$PYTHONPATH}
 export PYTHONUNBUFFERED=1 TQDM_MININTERVAL=20 NEURO_MAR_CACHE=${NEURO_MAR_CACHE:-/tmp/neuro-mar-cache}

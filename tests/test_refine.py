@@ -326,3 +326,37 @@ def test_budget_survives_resume(tmp_path):
     t2 = Trainer(torch.nn.Embedding(50, 4), loss, rows, cfg2, tmp_path, "s", progress=False)
     assert t2.try_resume() and cfg2.steps == BUDGET_PROBE_STEPS
     assert len(t2.run()) == BUDGET_PROBE_STEPS
+
+
+def test_budget_holds_the_wall_time_across_a_resume(tmp_path):
+    """Steps of >= 40 ms under a 0.6 s budget: the stage stops when the budget is spent (within a
+    few steps' time), also when it is interrupted before its first estimate and resumed (the time
+    already spent is carried in the checkpoint)."""
+    import time as _time
+
+    rows = torch.randint(0, 50, (16, 8))
+
+    def slow_loss(m, b):
+        _time.sleep(0.04)
+        return m(b).pow(2).mean()
+
+    def trainer(path):
+        cfg = TrainConfig(steps=500, lr=1e-2, warmup=0, micro_batch=2, ckpt_every=1, max_seconds=0.6)
+        return Trainer(torch.nn.Embedding(50, 4), slow_loss, rows, cfg, path, "s", progress=False), cfg
+
+    def used_the_budget(tr, cfg):
+        step = max(r["seconds"] for r in tr.history)  # the slowest step (this machine's speed)
+        return cfg.steps < 500 and abs(tr.budget_elapsed - 0.6) <= 3 * step, (cfg.steps, tr.budget_elapsed, step)
+
+    t, cfg = trainer(tmp_path / "one")
+    t.run()
+    ok, info = used_the_budget(t, cfg)
+    assert ok, info
+
+    t, _ = trainer(tmp_path / "two")
+    t.run(stop_after=3)
+    t2, cfg2 = trainer(tmp_path / "two")
+    assert t2.try_resume() and t2.budget_elapsed > 0.05
+    t2.run()
+    ok, info = used_the_budget(t2, cfg2)
+    assert ok, info

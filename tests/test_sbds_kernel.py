@@ -99,9 +99,9 @@ def test_stage2_loss_uses_the_fused_op_when_asked(monkeypatch):
     from tiny import tiny_llama
 
     t = tiny_llama()
-    s1 = llama_to_mar(t).requires_grad_(False)
-    st = llama_to_mar(t)
-    ids = torch.randint(3, 97, (2, 9))
+    s1 = llama_to_mar(t).requires_grad_(False).to(DEV)  # forced Triton needs CUDA tensors on a GPU machine
+    st = llama_to_mar(t).to(DEV)
+    ids = torch.randint(3, 97, (2, 9)).to(DEV)
     fn = make_loss_2(RefineConfig(gamma=0.1))
     monkeypatch.setattr(atmn_ops, "_backend", "torch")
     ref = fn(st, s1, ids)

@@ -350,6 +350,7 @@ def run_refine(cfg: RefineConfig, out: str | Path, resume: bool = False, progres
     def spiking_from_stage1(neuron):
         m = copy.deepcopy(stage1).requires_grad_(True)
         m.set_neurons(neuron, **(cfg.neuron_options if neuron == cfg.neuron else {}))
+        m.to(device)  # the new neurons' thresholds are created on the CPU
         m.calibrate_thresholds([calib], percentile=cfg.calib_percentile)
         return m
 

@@ -40,7 +40,7 @@ class TrainConfig:
     ckpt_every: int = 50
     bf16: bool = True  # autocast on CUDA only
     fsdp: bool = False  # shard parameters, gradients and optimizer state across processes (FSDP2)
-    max_seconds: float = 0.0  # > 0: after BUDGET_PROBE_STEPS steps, cut `steps` to what fits this wall time
+    max_seconds: float = 0.0  # > 0: cut `steps` to what fits this wall time (see Trainer._apply_budget)
 
     def budgeted(self) -> bool:
         return self.max_seconds > 0
@@ -55,9 +55,10 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.max_seconds must be >= 0, got {self.max_seconds}")
 
 
-#: steps timed before a time budget fixes the number of steps (the first one, which compiles
-#: kernels and warms caches, is not counted)
+#: steps timed before a time budget first fixes the number of steps (the first one, which compiles
+#: kernels and warms caches, is not counted); the estimate is renewed every BUDGET_RECHECK steps
 BUDGET_PROBE_STEPS = 4
+BUDGET_RECHECK = 10
 
 
 def lr_lambda(cfg: TrainConfig):
@@ -148,6 +149,7 @@ class Trainer:
         self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(cfg))
         self.step = 0
+        self.budget_elapsed = 0.0  # wall seconds of this stage counted against cfg.max_seconds
         self.progress = progress and self.rank == 0
         self.history: list[dict] = []
 
@@ -183,7 +185,7 @@ class Trainer:
         model_sd, opt_sd = self._full_state()  # collective when sharded: every rank takes part
         if self.rank != 0:
             return
-        atomic_torch_save({"step": self.step, "module": model_sd, "opt": opt_sd,
+        atomic_torch_save({"step": self.step, "budget_elapsed": self.budget_elapsed, "module": model_sd, "opt": opt_sd,
                            "sched": self.sched.state_dict(), "history": self.history,
                            "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
                                    "numpy": np.random.get_state(),
@@ -216,6 +218,7 @@ class Trainer:
             self.cfg.steps = saved_steps
         self.sched.load_state_dict(state["sched"])
         self.step, self.history = state["step"], state["history"]
+        self.budget_elapsed = state.get("budget_elapsed", 0.0)
         torch.set_rng_state(state["rng"]["torch"])
         random.setstate(state["rng"]["python"])
         np.random.set_state(state["rng"]["numpy"])
@@ -242,6 +245,7 @@ class Trainer:
             bar = tqdm(total=cfg.steps, initial=self.step, desc=self.name, unit="step", dynamic_ncols=True)
         autocast = self.device.type == "cuda" and cfg.bf16
         target = cfg.steps if stop_after is None else min(cfg.steps, self.step + stop_after)
+        self._session_start, self._mark = self.step, None
         while self.step < target:
             t0 = time.perf_counter()
             self.opt.zero_grad(set_to_none=True)
@@ -273,11 +277,8 @@ class Trainer:
                    "tokens": tokens, "tokens_per_s": tokens / dt, "seconds": dt,
                    "grad_norm": float(norm) if norm is not None else None}
             self._metrics(rec)
-            if cfg.budgeted() and self.step == BUDGET_PROBE_STEPS:
-                target = self._apply_budget(target, stop_after)
-                if bar is not None:
-                    bar.total = cfg.steps
-                    bar.refresh()
+            if cfg.budgeted():
+                target = self._budget_tick(target, stop_after, bar)
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}")
@@ -287,17 +288,33 @@ class Trainer:
             bar.close()
         return self.history
 
-    def _apply_budget(self, target: int, stop_after: int | None) -> int:
-        """Fix ``cfg.steps`` to the steps that fit ``cfg.max_seconds`` at the speed of the probe
-        steps (all ranks agree: rank 0's figure is broadcast). The cosine schedule follows."""
-        times = [r["seconds"] for r in self.history if r["stage"] == self.name][1:BUDGET_PROBE_STEPS]
-        per_step = sum(times) / max(1, len(times))
-        steps = min(self.cfg.steps, max(BUDGET_PROBE_STEPS, int(self.cfg.max_seconds / max(per_step, 1e-9))))
+    def _budget_tick(self, target: int, stop_after: int | None, bar) -> int:
+        """Account the wall time of the step just taken against ``cfg.max_seconds`` and, after
+        BUDGET_PROBE_STEPS steps of this session and every BUDGET_RECHECK steps after, cut
+        ``cfg.steps`` to what still fits at the session's mean wall seconds per step (checkpoint
+        writes included; each session's first step, which compiles kernels, is not counted).
+        Steps are only ever cut; the cosine schedule follows; all ranks agree (rank 0's figure is
+        broadcast); the time spent survives a resume through the checkpoint."""
+        now = time.perf_counter()
+        done = self.step - self._session_start
+        if self._mark is None:
+            self._mark = self._last = now
+            return target
+        self.budget_elapsed += now - self._last
+        self._last = now
+        if done < BUDGET_PROBE_STEPS or (done - BUDGET_PROBE_STEPS) % BUDGET_RECHECK:
+            return target
+        per_step = (now - self._mark) / (done - 1)
+        remaining = self.cfg.max_seconds - self.budget_elapsed
+        steps = min(self.cfg.steps, self.step + max(0, int(remaining / max(per_step, 1e-9))))
         if self.world > 1:
             t = torch.tensor([steps], device=self.device)
             dist.broadcast(t, 0)
             steps = int(t)
         self.cfg.steps = steps
+        if bar is not None:
+            bar.total = steps
+            bar.refresh()
         return steps if stop_after is None else min(steps, target)
 
 
