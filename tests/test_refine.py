@@ -122,10 +122,13 @@ teacher = tiny_llama(); teacher.requires_grad_(False)
 student = llama_to_mar(teacher)
 rows = torch.randint(3, 97, (16, 12), generator=torch.Generator().manual_seed(1))
 mb, fsdp = int(sys.argv[1]), sys.argv[2] == "fsdp"
-cfg = TrainConfig(steps=5, lr=1e-3, warmup=1, micro_batch=mb, grad_accum=1, seed=2, ckpt_every=100, fsdp=fsdp)
+budget = float(sys.argv[3]) if len(sys.argv) > 3 else 0.0
+cfg = TrainConfig(steps=40 if budget else 5, lr=1e-3, warmup=1, micro_batch=mb, grad_accum=1, seed=2,
+                  ckpt_every=100, fsdp=fsdp, max_seconds=budget)
 tr = Trainer(_Bound(student, teacher, loss_1c), lambda m, b: m(b), rows, cfg, None, "ddp", progress=False,
              shard_units=lambda b: list(b.student.model.layers))
 h = tr.run()
+print("STEPS", world()[0], len(h), flush=True)
 final = tr.result().student.lm_head.weight.sum().item()
 if world()[0] == 0:
     print("LOSSES", json.dumps([r["loss"] for r in h] + [final]), flush=True)
@@ -149,11 +152,32 @@ def test_two_process_gloo_matches_one_process(tmp_path, mode):
                          capture_output=True, text=True, timeout=600, env=env)
     assert one.returncode == 0, one.stderr[-2000:]
     assert two.returncode == 0, two.stderr[-3000:]
-    l1 = json.loads(one.stdout.split("LOSSES")[-1])
-    l2 = json.loads(two.stdout.split("LOSSES")[-1])
+    l1 = json.loads(one.stdout.split("LOSSES")[-1].splitlines()[0])
+    l2 = json.loads(two.stdout.split("LOSSES")[-1].splitlines()[0])
     assert len(l1) == len(l2) == 6  # five losses, then a checksum of the trained (unsharded) weights
     for a, b in zip(l1, l2):
         assert abs(a - b) <= 1e-5 * max(1.0, abs(a)), (l1, l2)
+
+
+def test_two_processes_agree_on_a_budget_cut(tmp_path):
+    """Under a wall-time budget every rank takes rank 0's step count (no rank waits in a collective
+    that another rank has left)."""
+    import socket
+
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP_SCRIPT.format(tests=str(Path(__file__).parent)))
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                          str(port), str(script), "2", "ddp", "0.3"],
+                         capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert two.returncode == 0, two.stderr[-3000:]
+    from neuro_mar.refine.trainer import BUDGET_PROBE_STEPS
+
+    steps = dict(line.split()[1:] for line in two.stdout.splitlines() if line.startswith("STEPS"))
+    assert set(steps) == {"0", "1"} and steps["0"] == steps["1"], two.stdout
+    assert BUDGET_PROBE_STEPS <= int(steps["0"]) < 40, steps
 
 
 @pytest.mark.parametrize("case", ["missing", "empty", "not_llama", "seq_too_long", "bad_neuron", "bad_task",
