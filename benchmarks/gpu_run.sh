@@ -3,14 +3,14 @@
 # Expects the wheels in .whl/ (spikingjelly, loguru, snntorch, liger-kernel) and mamba_ssm's Python
 # package in .carry/mamba/ (see benchmarks/README.md); writes logs and JSON under $OUT.
 # Usage: STAGES="tests atmn" bash benchmarks/gpu_run.sh
+# Stages: tests (kernel + SSM test files), gputests (their GPU-relevant subset), gpumark (only the
+# tests marked gpu: full sizes, quickest), atmn, sbds (benchmarks), scaling (Stage-2 scaling over
+# NPROCS="1 2 4 8" processes; needs the teacher parts, see benchmarks/README.md).
 set -uo pipefail
 OUT=${OUT:-benchmarks/results}
 STAGES=${STAGES:-"tests atmn"}
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-rm -rf /tmp/nm  # never run a stale copy of the package
-python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --target /tmp/nm . || exit 1
-export PYTHONPATH=/tmp/nm:/tmp/site:$PWD/.carry/mamba
-export PYTHONUNBUFFERED=1
+case " $STAGES " in *" scaling "*) NEED_TEACHER=1 ;; *) NEED_TEACHER=0 ;; esac
+NEED_TEACHER=$NEED_TEACHER source benchmarks/device_env.sh || exit 1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu_info.txt"
 for stage in $STAGES; do
   case $stage in
@@ -18,6 +18,8 @@ for stage in $STAGES; do
     gputests) python3 -P -m pytest -q -p no:cacheprovider -rf tests/test_ssm_gpu.py tests/test_atmn_kernel.py tests/test_sbds_kernel.py -k "gpu or full_size or dtypes_and_shapes or multistep or without_triton or when_forced or sbds or reference or autocast" 2>&1 | tee "$OUT/gpu_tests.log" ;;
     atmn) python3 -P benchmarks/atmn.py 2>&1 | tee "$OUT/atmn_bench.log" ;;
     sbds) python3 -P benchmarks/sbds.py 2>&1 | tee "$OUT/sbds_bench.log" ;;
+    gpumark) python3 -P -m pytest -q -p no:cacheprovider -rf -m gpu tests 2>&1 | tee "$OUT/gpu_tests.log" ;;
+    scaling) python3 -P benchmarks/scaling.py --nprocs ${NPROCS:-1 2} 2>&1 | tee "$OUT/scaling.log" ;;
     *) echo "unknown stage $stage" ;;
   esac
 done

@@ -1,0 +1,156 @@
+"""Stage-2 data-parallel scaling: the same Stage-2 training (SBDS from the dense teacher to the
+spiking copy of its converted SSM, ATMN at the four sites) launched with ``torchrun --nproc-per-node N`` for each N,
+at a fixed global batch, through the project's Trainer (DDP by default, ``--fsdp`` for FSDP2).
+
+For each N it records tokens/s (global), peak memory per rank, and the per-step loss, and checks
+the loss trajectory against N = 1's (same global batch, so it must agree up to reduction order).
+Prints a table and a final JSON line; writes ``scaling.json`` under $OUT or benchmarks/results/.
+
+    python benchmarks/scaling.py --nprocs 1 2 4            # GPUs (NCCL), default teacher
+    python benchmarks/scaling.py --nprocs 1 2 --teacher DIR --seq-len 32 --global-batch 4   # CPU (gloo)
+
+Scaling efficiency(N) = (tokens/s at N / N) / (tokens/s at 1).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import time
+
+RESULT = "SCALING_RESULT "
+
+
+def _worker(args) -> None:
+    import copy
+
+    import torch
+    import torch.distributed as dist
+
+    from neuro_mar.convert import llama_to_mar
+    from neuro_mar.refine import RefineConfig, TrainConfig, Trainer
+    from neuro_mar.refine.pipeline import _Bound, make_loss_2
+    from neuro_mar.refine.trainer import init_distributed, shutdown_distributed, world
+    from neuro_mar.teachers import load_teacher
+
+    init_distributed()
+    rank, n = world()
+    if args.global_batch % n:
+        raise SystemExit(f"--global-batch {args.global_batch} is not divisible by {n} processes")
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    torch.manual_seed(0)
+    teacher, _ = load_teacher(args.teacher)
+    teacher = teacher.to(device).requires_grad_(False).eval()
+    stage1 = llama_to_mar(teacher).eval()
+    vocab = stage1.config.vocab_size
+    rows = torch.randint(0, vocab, (max(args.global_batch * 4, 8), args.seq_len),
+                         generator=torch.Generator().manual_seed(1))
+    student = copy.deepcopy(stage1).requires_grad_(True)
+    student.set_neurons(args.neuron)
+    student.to(device)
+    student.calibrate_thresholds([rows[:2].to(device)])
+    cfg = TrainConfig(steps=args.steps, lr=1e-4, warmup=0, micro_batch=args.global_batch // n, seed=0,
+                      ckpt_every=10**9, fsdp=args.fsdp)
+    trainer = Trainer(_Bound(student, teacher, make_loss_2(RefineConfig())), lambda m, b: m(b), rows, cfg, None,
+                      f"scaling-{n}", progress=False, device=device,
+                      shard_units=lambda bound: list(bound.student.model.layers))
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    hist = trainer.run()
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    peaks = [None] * n
+    if n > 1:
+        dist.all_gather_object(peaks, peak)
+    else:
+        peaks = [peak]
+    timed = hist[args.warmup_steps:]
+    if rank == 0:
+        tok = sorted(r["tokens_per_s"] for r in timed)[len(timed) // 2]
+        print(RESULT + json.dumps({"nprocs": n, "losses": [r["loss"] for r in hist], "tokens_per_s": tok,
+                                   "peak_GiB_per_rank": peaks, "micro_batch": cfg.micro_batch,
+                                   "fsdp": bool(args.fsdp)}), flush=True)
+    shutdown_distributed()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(args, n: int) -> dict:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(n), "--master-port",
+           str(_free_port()), os.path.abspath(__file__), "--worker", "--teacher", args.teacher, "--steps",
+           str(args.steps), "--warmup-steps", str(args.warmup_steps), "--global-batch", str(args.global_batch),
+           "--seq-len", str(args.seq_len), "--neuron", args.neuron] + (["--fsdp"] if args.fsdp else [])
+    env = {**os.environ, "NCCL_NVLS_ENABLE": "0", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    t0 = time.time()
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if out.returncode != 0:
+        raise RuntimeError(f"N={n} failed (exit {out.returncode}):\n{out.stderr[-3000:]}")
+    line = next(l for l in out.stdout.splitlines() if l.startswith(RESULT))
+    res = json.loads(line[len(RESULT):])
+    res["wall_s"] = round(time.time() - t0, 1)
+    return res
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--nprocs", type=int, nargs="+", default=[1, 2], help="process counts to run (first is the baseline)")
+    p.add_argument("--teacher", default="smollm2-135m")
+    p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--warmup-steps", type=int, default=2, help="first steps left out of the tokens/s median")
+    p.add_argument("--global-batch", type=int, default=16, help="sequences per optimizer step, all ranks together")
+    p.add_argument("--seq-len", type=int, default=1024)
+    p.add_argument("--neuron", default="atmn")
+    p.add_argument("--fsdp", action="store_true", help="FSDP2 instead of DDP")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        _worker(args)
+        return 0
+    if args.steps <= args.warmup_steps:
+        p.error("--steps must exceed --warmup-steps")
+    runs = [_launch(args, n) for n in args.nprocs]
+    base = runs[0]
+    rows = []
+    for r in runs:
+        per = r["tokens_per_s"] / r["nprocs"]
+        r["efficiency"] = per / (base["tokens_per_s"] / base["nprocs"])
+        scale = max(abs(b) for b in base["losses"])  # differences relative to the trajectory's size
+        r["max_rel_loss_diff_vs_base"] = max(abs(a - b) for a, b in zip(r["losses"], base["losses"])) / scale
+        peaks = [x for x in r["peak_GiB_per_rank"] if x is not None]
+        rows.append([r["nprocs"], f"{r['tokens_per_s']:.0f}", f"{per:.0f}", f"{r['efficiency']:.3f}",
+                     f"{max(peaks):.1f}" if peaks else "-", f"{r['max_rel_loss_diff_vs_base']:.2e}", r["micro_batch"]])
+    head = ["N", "tokens/s", "tokens/s per proc", "efficiency", "peak GiB/rank", "max rel loss diff", "micro-batch"]
+    widths = [max(len(h), *(len(str(row[i])) for row in rows)) for i, h in enumerate(head)]
+    print(f"Stage-2 scaling, {'FSDP2' if args.fsdp else 'DDP'}, global batch {args.global_batch} x {args.seq_len} tokens, "
+          f"{args.steps} steps ({args.warmup_steps} untimed), neuron {args.neuron}")
+    print("  ".join(h.ljust(w) for h, w in zip(head, widths)))
+    for row in rows:
+        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)))
+    payload = {"benchmark": "scaling", "env": _environment(), "config": {k: v for k, v in vars(args).items()
+                                                                         if k != "worker"}, "runs": runs}
+    out = os.environ.get("OUT") or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, "scaling.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(payload, f, indent=2)
+    os.replace(path + ".tmp", path)
+    print(json.dumps(payload))
+    return 0
+
+
+def _environment() -> dict:
+    import torch
+
+    return {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
+            "gpus": torch.cuda.device_count(), "torch": torch.__version__, "python": platform.python_version()}
+
+
+if __name__ == "__main__":
+    sys.exit(main())
