@@ -233,8 +233,11 @@ def test_end_to_end_tiny_run_and_resume(tmp_path, teacher_dir, data_file):
     assert all(cfg["neurons"][k] == "atmn" for k in SITE_KINDS)
     with pytest.raises(SystemExit, match="not empty"):
         main(["refine", "--out", str(out), "--preset", "tiny", "--teacher", str(teacher_dir), "--data", str(data_file)])
+    first_times = rep["stage_seconds"]
     assert main(["refine", "--out", str(out), "--preset", "tiny", "--teacher", str(teacher_dir), "--data",
                  str(data_file), "--gamma", "0.1", "--resume"]) == 0
+    # a resumed run that had nothing left to train reports the stage times of the run that trained them
+    assert json.loads((out / "report.json").read_text())["stage_seconds"] == first_times
     # eval and generate on the result
     assert main(["eval", str(out / "student"), "--data", str(data_file), "--teacher", str(teacher_dir),
                  "--seq-len", "32", "--max-tokens", "400"]) == 0
@@ -384,3 +387,28 @@ def test_budget_holds_the_wall_time_across_a_resume(tmp_path):
     t2.run()
     ok, info = used_the_budget(t2, cfg2)
     assert ok, info
+
+
+def test_a_failing_evaluation_is_recorded_not_raised(tmp_path, teacher_dir, data_file, monkeypatch):
+    """One evaluation that raises leaves the rest of the report intact, with the error recorded."""
+    from neuro_mar.refine import report as report_mod
+
+    calls = {"n": 0}
+    real = report_mod.perplexity
+
+    def flaky(m, rows, *a, **k):
+        if rows.shape[0] == 10:  # --eval-data: 320 tokens in rows of 32 (the held-out split has 2 rows)
+            calls["n"] += 1
+            if calls["n"] == 1:  # the first model evaluated there: the teacher
+                raise RuntimeError("CUDA out of memory (simulated)")
+        return real(m, rows, *a, **k)
+
+    monkeypatch.setattr(report_mod, "perplexity", flaky)
+    out = tmp_path / "run"
+    with pytest.warns(UserWarning, match="simulated"):
+        assert main(["refine", "--out", str(out), "--preset", "tiny", "--teacher", str(teacher_dir),
+                     "--data", str(data_file), "--eval-data", str(data_file), "--eval-max-tokens", "320"]) == 0
+    rep = json.loads((out / "report.json").read_text())
+    errors = [n for n, m in rep["models"].items() if "eval_perplexity_error" in m]
+    assert errors == ["teacher"] and "simulated" in rep["models"]["teacher"]["eval_perplexity_error"]
+    assert all("eval_perplexity" in m for n, m in rep["models"].items() if n != "teacher")

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from ..convert import llama_to_mar
+from ..io_utils import atomic_write_text
 from ..models import SITE_KINDS
 from ..ssm.discrete_mamba2 import mixing_matrix
 from .data import DataError, read_texts, split_heldout, teacher_generated_texts, tokenize_and_pack
@@ -309,13 +310,16 @@ def run_refine(cfg: RefineConfig, out: str | Path, resume: bool = False, progres
     student = llama_to_mar(teacher)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "refine_config.json").write_text(json.dumps(asdict(cfg), indent=2))
+        atomic_write_text(out / "refine_config.json", json.dumps(asdict(cfg), indent=2))
     if distributed:
         torch.distributed.barrier()
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     teacher.to(device).requires_grad_(False)
     student.to(device)
-    timings, tokens = {}, {}
+    times_file = out / "stage_times.json"  # completed stages' wall time and tokens, kept across --resume
+    recorded = json.loads(times_file.read_text()) if resume and times_file.is_file() else {}
+    timings = {k: v["seconds"] for k, v in recorded.items()}
+    tokens = {k: v["tokens"] for k, v in recorded.items()}
 
     def stage(name, model, teacher_model, fn, steps, lr, seconds=0.0):
         """Train ``model`` for one sub-stage; returns it (an unsharded copy after FSDP)."""
@@ -328,9 +332,14 @@ def run_refine(cfg: RefineConfig, out: str | Path, resume: bool = False, progres
                           shard_units=lambda bound: list(bound.student.model.layers))
         if resume:
             trainer.try_resume()
+        done_before = trainer.step
         trainer.run()
-        timings[name] = time.time() - t0
-        tokens[name] = tcfg.steps * cfg.micro_batch * cfg.grad_accum * train.shape[1] * world()[1]
+        if trainer.step > done_before or name not in timings:  # a stage finished in an earlier run keeps its time
+            timings[name] = time.time() - t0
+            tokens[name] = tcfg.steps * cfg.micro_batch * cfg.grad_accum * train.shape[1] * world()[1]
+            if rank == 0:
+                atomic_write_text(times_file, json.dumps({k: {"seconds": timings[k], "tokens": tokens[k]}
+                                                          for k in timings}, indent=2))
         return trainer.result().student
 
     stage1_dir = out / "stage1"

@@ -67,6 +67,19 @@ def _firing(activity) -> dict:
     return {f"L{k[0]:02d}.{k[1]}": v["firing_rate"] for k, v in activity.items() if isinstance(k, tuple)}
 
 
+def _guarded(rows: dict, key: str, fn) -> None:
+    """rows.update(fn()); an exception is recorded under ``key + "_error"`` and warned about instead
+    of raised: the report of a long run (whose weights may live on a machine that is given back)
+    is written whatever one evaluation does."""
+    try:
+        rows.update(fn())
+    except Exception as err:  # noqa: BLE001 - recorded in the report, see docstring
+        import warnings
+
+        rows[f"{key}_error"] = f"{type(err).__name__}: {str(err)[:300]}"
+        warnings.warn(f"evaluation {key!r} failed: {rows[f'{key}_error']}", stacklevel=2)
+
+
 def _extended_eval(cfg, models: dict, teacher, tok) -> tuple[dict, dict]:
     """Perplexity, KL and agreement on ``cfg.eval_data`` and zero-shot accuracy on ``cfg.eval_tasks``
     for every model; returns (per-model rows, description of what was evaluated)."""
@@ -80,17 +93,19 @@ def _extended_eval(cfg, models: dict, teacher, tok) -> tuple[dict, dict]:
                                cfg.eval_max_tokens if cfg.eval_max_tokens > 0 else None)
         info["eval_data"] = {"file": str(cfg.eval_data), "tokens": int(ev.numel()), "seq_len": cfg.seq_len}
         for name, m in models.items():
-            rows[name]["eval_perplexity"] = perplexity(m, ev)
+            _guarded(rows[name], "eval_perplexity", lambda m=m: {"eval_perplexity": perplexity(m, ev)})
             if name != "teacher":
-                rows[name].update({f"eval_{k}": v for k, v in agreement(m, teacher, ev).items()})
+                _guarded(rows[name], "eval_agreement",
+                         lambda m=m: {f"eval_{k}": v for k, v in agreement(m, teacher, ev).items()})
     for path in cfg.eval_tasks:
         task = Path(path).stem
         items = load_multiple_choice(path)
         info.setdefault("tasks", {})[task] = {"file": str(path), "items": len(items)}
         for name, m in models.items():
-            r = score_multiple_choice(m, tok, items)
-            rows[name][f"{task}_acc"] = r["acc"]
-            rows[name][f"{task}_acc_norm"] = r["acc_norm"]
+            def score(m=m, task=task, items=items):
+                r = score_multiple_choice(m, tok, items)
+                return {f"{task}_acc": r["acc"], f"{task}_acc_norm": r["acc_norm"]}
+            _guarded(rows[name], task, score)
     return rows, info
 
 
