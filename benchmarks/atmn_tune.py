@@ -22,12 +22,14 @@ for elems, cols, warps in itertools.product([1024, 2048, 4096, 8192], [128, 256,
     if cols > elems:
         continue
     atmn.TILE.update(elems=elems, max_cols=cols, num_warps=warps)
-    _, h, _ = atmn.multi_fwd(xs, V, 0.5)
+    _, h, _ = atmn.multi_fwd(xs, V, 0.5)  # h is empty at T <= RECOMPUTE_MAX_T: the backward recomputes from x
     res = {
         "once_fwd": (bench_graph(lambda: atmn.once_fwd(x, V, T, 0.5)), 8 * R * C),
         "once_bwd": (bench_graph(lambda: atmn.once_bwd(g, x, V, T, 0.5, 0, 4.0)), 12 * R * C),
-        "multi_fwd": (bench_graph(lambda: atmn.multi_fwd(xs, V, 0.5)), 12 * T * R * C),
-        "multi_bwd": (bench_graph(lambda: atmn.multi_bwd(gs, None, h, V, 0.5, 0, 4.0)), 12 * T * R * C),
+        # DRAM bytes: x read and spikes written per step, v_last written once
+        "multi_fwd": (bench_graph(lambda: atmn.multi_fwd(xs, V, 0.5)), (8 * T + 4) * R * C),
+        # x and the spike gradient read, dx written per step (the repeated x loads of the recompute hit L2)
+        "multi_bwd": (bench_graph(lambda: atmn.multi_bwd(gs, None, h, xs, None, V, 0.5, 0, 4.0)), 12 * T * R * C),
     }
     row = {"elems": elems, "cols": cols, "warps": warps}
     for k, (ms, nbytes) in res.items():

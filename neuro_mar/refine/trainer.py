@@ -40,7 +40,7 @@ class TrainConfig:
     ckpt_every: int = 50
     bf16: bool = True  # autocast on CUDA only
     fsdp: bool = False  # shard parameters, gradients and optimizer state across processes (FSDP2)
-    max_seconds: float = 0.0  # > 0: cut `steps` to what fits this wall time (see Trainer._apply_budget)
+    max_seconds: float = 0.0  # > 0: cut `steps` to what fits this wall time (see Trainer._budget_tick)
 
     def budgeted(self) -> bool:
         return self.max_seconds > 0
