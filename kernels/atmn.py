@@ -90,6 +90,19 @@ def _once_step(h, V, iV, w, acc, tau, k, TERNARY: tl.constexpr):
 
 
 @triton.jit
+def _once_fwd_step(t, h, V, iV, w, acc, npos, nneg, tau, k, SPK, numel, offs, mask,
+                   TERNARY: tl.constexpr, WRITE_SPIKES: tl.constexpr, COUNT: tl.constexpr):
+    """One forward micro-step: fire, accumulate, and write / count the step's spikes."""
+    h, s, w, acc = _once_step(h, V, iV, w, acc, tau, k, TERNARY)
+    if WRITE_SPIKES:
+        tl.store(SPK + t * numel + offs, s.to(tl.int8), mask=mask)
+    if COUNT:
+        npos += (s > 0).to(tl.int32)
+        nneg += (s < 0).to(tl.int32)
+    return h, w, acc, npos, nneg
+
+
+@triton.jit
 def _once_fwd_kernel(X, Vp, iVp, XHAT, SPK, CNT, R, C, numel, tau, k,
                      T: tl.constexpr, TERNARY: tl.constexpr, WRITE_SPIKES: tl.constexpr,
                      COUNT: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
@@ -103,20 +116,12 @@ def _once_fwd_kernel(X, Vp, iVp, XHAT, SPK, CNT, R, C, numel, tau, k,
     nneg = tl.zeros([BR, BC], dtype=tl.int32)
     if T <= 16:
         for t in tl.static_range(T):
-            h, s, w, acc = _once_step(h, V, iV, w, acc, tau, k, TERNARY)
-            if WRITE_SPIKES:
-                tl.store(SPK + t * numel + offs, s.to(tl.int8), mask=mask)
-            if COUNT:
-                npos += (s > 0).to(tl.int32)
-                nneg += (s < 0).to(tl.int32)
+            h, w, acc, npos, nneg = _once_fwd_step(t, h, V, iV, w, acc, npos, nneg, tau, k, SPK, numel, offs, mask,
+                                                   TERNARY, WRITE_SPIKES, COUNT)
     else:
         for t in range(T):
-            h, s, w, acc = _once_step(h, V, iV, w, acc, tau, k, TERNARY)
-            if WRITE_SPIKES:
-                tl.store(SPK + t * numel + offs, s.to(tl.int8), mask=mask)
-            if COUNT:
-                npos += (s > 0).to(tl.int32)
-                nneg += (s < 0).to(tl.int32)
+            h, w, acc, npos, nneg = _once_fwd_step(t, h, V, iV, w, acc, npos, nneg, tau, k, SPK, numel, offs, mask,
+                                                   TERNARY, WRITE_SPIKES, COUNT)
     tl.store(XHAT + offs, (acc * V).to(XHAT.dtype.element_ty), mask=mask)
     if COUNT:
         pid = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)

@@ -169,9 +169,10 @@ def _(grad_spikes, grad_v_last, h_seq, x_seq, v0, V, tau, sg_id, alpha, ternary,
 class _MultiFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_seq, V, v0, tau, ternary, sg_id, alpha, detach_reset):
-        fwd = _multi_fwd_op if _compiling() else _kernels().multi_fwd
-        spikes, h_seq, v_last = (fwd(x_seq, V, v0, tau, ternary) if _compiling()
-                                 else fwd(x_seq, V, tau, ternary, v0))
+        if _compiling():
+            spikes, h_seq, v_last = _multi_fwd_op(x_seq, V, v0, tau, ternary)
+        else:
+            spikes, h_seq, v_last = _kernels().multi_fwd(x_seq, V, tau, ternary, v0)
         ctx.save_for_backward(h_seq, x_seq, v0, V)
         ctx.args = (tau, sg_id, alpha, ternary, detach_reset, x_seq.dtype, None if v0 is None else v0.dtype)
         return spikes, v_last
