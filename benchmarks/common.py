@@ -1,6 +1,8 @@
 """Timing helpers shared by the GPU benchmarks: CUDA-event medians, copy bandwidth, bf16 rate."""
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import json
 import os
 import platform
@@ -65,10 +67,11 @@ def bf16_tflops(n: int = 8192) -> float:
 
 
 def environment() -> dict:
-    import triton
-
-    return {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-            "python": platform.python_version()}
+    """Versions and the device (``gpu`` is None on a CPU-only run, e.g. the gloo scaling check)."""
+    triton = importlib.import_module("triton") if importlib.util.find_spec("triton") else None
+    return {"gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+            "gpus": torch.cuda.device_count(), "torch": torch.__version__,
+            "triton": triton.__version__ if triton else None, "python": platform.python_version()}
 
 
 def write_results(name: str, payload: dict) -> None:

@@ -16,11 +16,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import socket
 import subprocess
 import sys
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import environment, print_table, write_results  # noqa: E402
 
 RESULT = "SCALING_RESULT "
 
@@ -124,32 +126,15 @@ def main(argv=None) -> int:
         scale = max(abs(b) for b in base["losses"])  # differences relative to the trajectory's size
         r["max_rel_loss_diff_vs_base"] = max(abs(a - b) for a, b in zip(r["losses"], base["losses"])) / scale
         peaks = [x for x in r["peak_GiB_per_rank"] if x is not None]
-        rows.append([r["nprocs"], f"{r['tokens_per_s']:.0f}", f"{per:.0f}", f"{r['efficiency']:.3f}",
-                     f"{max(peaks):.1f}" if peaks else "-", f"{r['max_rel_loss_diff_vs_base']:.2e}", r["micro_batch"]])
-    head = ["N", "tokens/s", "tokens/s per proc", "efficiency", "peak GiB/rank", "max rel loss diff", "micro-batch"]
-    widths = [max(len(h), *(len(str(row[i])) for row in rows)) for i, h in enumerate(head)]
+        rows.append({"N": r["nprocs"], "tokens/s": f"{r['tokens_per_s']:.0f}", "tokens/s per proc": f"{per:.0f}",
+                     "efficiency": f"{r['efficiency']:.3f}", "peak GiB/rank": f"{max(peaks):.1f}" if peaks else "-",
+                     "max rel loss diff": f"{r['max_rel_loss_diff_vs_base']:.2e}", "micro-batch": r["micro_batch"]})
     print(f"Stage-2 scaling, {'FSDP2' if args.fsdp else 'DDP'}, global batch {args.global_batch} x {args.seq_len} tokens, "
           f"{args.steps} steps ({args.warmup_steps} untimed), neuron {args.neuron}")
-    print("  ".join(h.ljust(w) for h, w in zip(head, widths)))
-    for row in rows:
-        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)))
-    payload = {"benchmark": "scaling", "env": _environment(), "config": {k: v for k, v in vars(args).items()
-                                                                         if k != "worker"}, "runs": runs}
-    out = os.environ.get("OUT") or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-    os.makedirs(out, exist_ok=True)
-    path = os.path.join(out, "scaling.json")
-    with open(path + ".tmp", "w") as f:
-        json.dump(payload, f, indent=2)
-    os.replace(path + ".tmp", path)
-    print(json.dumps(payload))
+    print_table(rows, list(rows[0]))
+    write_results("scaling", {"benchmark": "scaling", "env": environment(),
+                              "config": {k: v for k, v in vars(args).items() if k != "worker"}, "runs": runs})
     return 0
-
-
-def _environment() -> dict:
-    import torch
-
-    return {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
-            "gpus": torch.cuda.device_count(), "torch": torch.__version__, "python": platform.python_version()}
 
 
 if __name__ == "__main__":
