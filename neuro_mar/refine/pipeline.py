@@ -153,19 +153,26 @@ def loss_1b(student, teacher, ids):
     return torch.stack(terms).mean()
 
 
-def loss_1c(student, teacher, ids):
-    """End-to-end forward KL on the logits (through the fused SBDS op on CUDA: alpha 1, beta 0)."""
-    if _use_fused_sbds(ids):
+def logit_sbds(student, teacher, ids, alpha: float, beta: float, temperature: float = 1.0, hidden: bool = False):
+    """``(loss, student outputs, teacher outputs)`` of SBDS on the logits: through the fused linear op
+    on CUDA (outputs of ``.model``: hidden states, no logits), else on materialised logits."""
+    if _use_fused_sbds(ids):  # logits never materialised for the whole batch
         from ..kernels.sbds import fused_linear_sbds
 
         with torch.no_grad():
-            t = teacher.model(input_ids=ids)
-        s = student.model(input_ids=ids)
+            t = teacher.model(input_ids=ids, output_hidden_states=hidden)
+        s = student.model(input_ids=ids, output_hidden_states=hidden)
         return fused_linear_sbds(s.last_hidden_state, student.lm_head.weight, t.last_hidden_state,
-                                 teacher.lm_head.weight, alpha=1.0, beta=0.0)
+                                 teacher.lm_head.weight, alpha=alpha, beta=beta, temperature=temperature), s, t
     with torch.no_grad():
-        t = teacher(input_ids=ids).logits
-    return sbds_logit_loss(student(input_ids=ids).logits, t, alpha=1.0, beta=0.0)
+        t = teacher(input_ids=ids, output_hidden_states=hidden)
+    s = student(input_ids=ids, output_hidden_states=hidden)
+    return sbds_logit_loss(s.logits, t.logits, alpha, beta, temperature), s, t
+
+
+def loss_1c(student, teacher, ids):
+    """End-to-end forward KL on the logits."""
+    return logit_sbds(student, teacher, ids, alpha=1.0, beta=0.0)[0]
 
 
 def _use_fused_sbds(ids) -> bool:
@@ -178,23 +185,9 @@ def _use_fused_sbds(ids) -> bool:
 def make_loss_2(cfg: RefineConfig):
     def loss_2(student, teacher, ids):
         want_h = cfg.gamma > 0
-        if _use_fused_sbds(ids):  # logits never materialised for the whole batch
-            from ..kernels.sbds import fused_linear_sbds
-
-            if cfg.ce_weight:
-                raise RefineError("--ce-weight needs materialised logits: run with NEURO_MAR_KERNELS=torch")
-
-            with torch.no_grad():
-                t = teacher.model(input_ids=ids, output_hidden_states=want_h)
-            s = student.model(input_ids=ids, output_hidden_states=want_h)
-            loss = fused_linear_sbds(s.last_hidden_state, student.lm_head.weight, t.last_hidden_state,
-                                     teacher.lm_head.weight, alpha=cfg.alpha, beta=cfg.beta,
-                                     temperature=cfg.temperature)
-        else:
-            with torch.no_grad():
-                t = teacher(input_ids=ids, output_hidden_states=want_h)
-            s = student(input_ids=ids, output_hidden_states=want_h)
-            loss = sbds_logit_loss(s.logits, t.logits, cfg.alpha, cfg.beta, cfg.temperature)
+        if cfg.ce_weight and _use_fused_sbds(ids):
+            raise RefineError("--ce-weight needs materialised logits: run with NEURO_MAR_KERNELS=torch")
+        loss, s, t = logit_sbds(student, teacher, ids, cfg.alpha, cfg.beta, cfg.temperature, hidden=want_h)
         if want_h:
             L = len(student.model.layers)
             norms = {l: (student.model.layers[l].input_layernorm, teacher.model.layers[l].input_layernorm)
@@ -257,11 +250,11 @@ def prepare(cfg: RefineConfig, progress: bool = True):
     for p in cfg.data:
         texts += read_texts(p, cfg.text_field)
     if not cfg.data or cfg.mix_generated:
-        gen_device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
-        gen = teacher.to(gen_device) if gen_device is not None else teacher
-        texts += teacher_generated_texts(gen, tok, cfg.generated_tokens, progress=progress, seed=cfg.seed,
-                                         batch=64 if gen_device is not None else 16)
-        teacher = gen.cpu()
+        on_gpu = torch.cuda.is_available()
+        if on_gpu:  # generate on the GPU; the teacher stays there for training (run_refine moves it anyway)
+            teacher.to(torch.device("cuda", torch.cuda.current_device()))
+        texts += teacher_generated_texts(teacher, tok, cfg.generated_tokens, progress=progress, seed=cfg.seed,
+                                         batch=64 if on_gpu else 16)
     rows = tokenize_and_pack(texts, tok, cfg.seq_len, cfg.max_tokens)
     train, held = split_heldout(rows, cfg.heldout_fraction)
     if train.shape[0] < cfg.micro_batch:
