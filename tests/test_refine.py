@@ -128,7 +128,12 @@ cfg = TrainConfig(steps=40 if budget else 5, lr=1e-3, warmup=1, micro_batch=mb, 
 tr = Trainer(_Bound(student, teacher, loss_1c), lambda m, b: m(b), rows, cfg, None, "ddp", progress=False,
              shard_units=lambda b: list(b.student.model.layers))
 h = tr.run()
-print("STEPS", world()[0], len(h), flush=True)
+counts = [len(h)]
+if world()[1] > 1:  # gathered and printed by rank 0 alone: two ranks' prints interleave on one pipe
+    counts = [None] * world()[1]
+    torch.distributed.all_gather_object(counts, len(h))
+if world()[0] == 0:
+    print("STEPS", json.dumps(counts), flush=True)
 final = tr.result().student.lm_head.weight.sum().item()
 if world()[0] == 0:
     print("LOSSES", json.dumps([r["loss"] for r in h] + [final]), flush=True)
@@ -175,9 +180,9 @@ def test_two_processes_agree_on_a_budget_cut(tmp_path):
     assert two.returncode == 0, two.stderr[-3000:]
     from neuro_mar.refine.trainer import BUDGET_PROBE_STEPS
 
-    steps = dict(line.split()[1:] for line in two.stdout.splitlines() if line.startswith("STEPS"))
-    assert set(steps) == {"0", "1"} and steps["0"] == steps["1"], two.stdout
-    assert BUDGET_PROBE_STEPS <= int(steps["0"]) < 40, steps
+    steps = json.loads(two.stdout.split("STEPS")[-1].splitlines()[0])
+    assert len(steps) == 2 and steps[0] == steps[1], two.stdout
+    assert BUDGET_PROBE_STEPS <= steps[0] < 40, steps
 
 
 @pytest.mark.parametrize("case", ["missing", "empty", "not_llama", "seq_too_long", "bad_neuron", "bad_task",
