@@ -7,6 +7,7 @@ import json
 import os
 import platform
 import statistics
+import time
 
 import torch
 
@@ -28,6 +29,19 @@ def bench(fn, warmup: int = 3, rep: int = 5, inner: int = 10) -> float:
         torch.cuda.synchronize()
         times.append(s.elapsed_time(e) / inner)
     return statistics.median(times)
+
+
+def host_time(fn, calls: int = 10) -> float:
+    """Milliseconds of CPU time to enqueue one fn() call (the device may still be busy after):
+    when it exceeds the device time, the host bounds eager training."""
+    fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    ms = (time.perf_counter() - t0) / calls * 1e3
+    torch.cuda.synchronize()
+    return ms
 
 
 def bench_graph(fn, warmup: int = 3) -> float | None:

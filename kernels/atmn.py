@@ -11,14 +11,16 @@ fake implementations, so models trace under ``torch.compile``):
   (``dx = G * sum_t w_t g_t P_t``, ``P_{t+1} = k (1 - c g_t) P_t``; see ``_once_bwd_kernel``).
 * **multi-step** (``neuro_mar::atmn_multi_fwd`` / ``_bwd``): ``x_seq [T, ..., C]`` charging at every
   step as SpikingJelly neurons do, spikes in x's dtype. The backward walks the steps in reverse and,
-  for T <= RECOMPUTE_MAX_T, recomputes each pre-fire potential from x (nothing saved but x itself;
-  the repeated tile loads hit L2); for longer T the forward saves the potentials in fp32.
+  for T <= RECOMPUTE_MAX_T, first recomputes every pre-fire potential from x into registers (x read
+  once, nothing saved but x itself); for longer T the forward saves the potentials in fp32.
 
-State and accumulation are fp32 for fp32/bf16/fp16 inputs; V = exp(a) and 1/V come from PyTorch
-and the steps multiply by 1/tau and 1/V as the reference does, so spikes equal it bit for bit. The
-surrogate reaches the kernel as a compile-time id; T is a compile-time constant, unrolled up to 16
-and looped beyond. Tiles are [rows, channels]; the per-channel threshold gradient is reduced per
-tile and summed on the host (deterministic, no atomics).
+State and accumulation are fp32 for fp32/bf16/fp16 inputs; V = exp(a) comes from PyTorch, 1/V is
+computed correctly rounded in the kernel (as torch.reciprocal), and the steps multiply by 1/tau and
+1/V as the reference does, so spikes equal it bit for bit. The surrogate reaches the kernel as a
+compile-time id (``_spike_slope``: the ternary Sigmoid and ATan slopes take one special-function
+op fewer per term); T is a compile-time constant, unrolled up to 16 and looped beyond. Tiles are
+[rows, channels]; the per-channel gradient of a (V = exp(a)) is reduced per tile and summed on the
+host (deterministic, no atomics).
 
 Importing this module imports triton; :mod:`neuro_mar.kernels` only does so on first GPU use.
 """
@@ -53,6 +55,39 @@ def _sg_grad(z, SG: tl.constexpr, alpha):
 
 
 @triton.jit
+def _spike_slope(m, SG: tl.constexpr, alpha, TERNARY: tl.constexpr):
+    """d s / d m of the (ternary) spike at normalised potential m: g(m - 1) [+ g(-m - 1)].
+
+    The ternary Sigmoid and ATan sums take one exponential and one reciprocal (the special-
+    function unit bounds these kernels) instead of two of each. Sigmoid, with d = |m|,
+    e = exp(-alpha |d - 1|) and c = exp(-2 alpha): the far threshold's exponential is c e (d >= 1)
+    or c / e (d < 1), so g(m-1) + g(-m-1) = alpha e (1/A^2 + c/B^2), A = 1 + e,
+    B = 1 + c e or e + c; no term overflows (e <= 1, e / B <= 1). ATan: with p, q the two scaled
+    arguments, 1/(1+p^2) + 1/(1+q^2) = (2 + p^2 + q^2) / ((1+p^2)(1+q^2)) (m clamped to +-1e6,
+    where the slope is below 1e-12, so the product stays finite)."""
+    if TERNARY and SG == 0:
+        d = tl.abs(m)
+        e = tl.exp(-alpha * tl.abs(d - 1.0))
+        c = tl.exp(-2.0 * alpha)
+        A = 1.0 + e
+        B = tl.where(d < 1.0, e + c, 1.0 + c * e)
+        r = 1.0 / (A * B)
+        g = alpha * (e * r) * ((B * B + c * A * A) * r)
+    elif TERNARY and SG == 1:
+        mc = tl.minimum(tl.maximum(m, -1e6), 1e6)
+        p = 1.5707963267948966 * alpha * (mc - 1.0)
+        q = 1.5707963267948966 * alpha * (mc + 1.0)
+        p2 = p * p
+        q2 = q * q
+        g = (0.5 * alpha) * (2.0 + p2 + q2) / ((1.0 + p2) * (1.0 + q2))
+    else:
+        g = _sg_grad(m - 1.0, SG, alpha)
+        if TERNARY:
+            g += _sg_grad(-m - 1.0, SG, alpha)
+    return g
+
+
+@triton.jit
 def _fire(h, iV, TERNARY: tl.constexpr):
     m = h * iV
     s = tl.where(m >= 1.0, 1.0, 0.0)
@@ -62,11 +97,11 @@ def _fire(h, iV, TERNARY: tl.constexpr):
 
 
 @triton.jit
-def _thresholds(Vp, iVp, cols, C):
-    """V and 1/V of the tile's channels, as [1, BC] rows."""
+def _thresholds(Vp, cols, C):
+    """V and 1/V of the tile's channels, as [1, BC] rows. 1/V is correctly rounded (div_rn), as
+    torch.reciprocal is, so the spikes equal the reference's bit for bit."""
     V = tl.load(Vp + cols, mask=cols < C, other=1.0)[None, :]
-    iV = tl.load(iVp + cols, mask=cols < C, other=1.0)[None, :]
-    return V, iV
+    return V, tl.math.div_rn(tl.full([1, 1], 1.0, tl.float32), V)
 
 
 @triton.jit
@@ -103,12 +138,12 @@ def _once_fwd_step(t, h, V, iV, w, acc, npos, nneg, tau, k, SPK, numel, offs, ma
 
 
 @triton.jit
-def _once_fwd_kernel(X, Vp, iVp, XHAT, SPK, CNT, R, C, numel, tau, k,
+def _once_fwd_kernel(X, Vp, XHAT, SPK, CNT, R, C, numel, tau, k,
                      T: tl.constexpr, TERNARY: tl.constexpr, WRITE_SPIKES: tl.constexpr,
                      COUNT: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
     cols, mask, offs = _tile(R, C, BR, BC)
     x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
-    V, iV = _thresholds(Vp, iVp, cols, C)
+    V, iV = _thresholds(Vp, cols, C)
     h = x
     w = tau * 0.0 + 1.0  # an fp32 scalar, so the looped variant carries a fixed type
     acc = tl.zeros([BR, BC], dtype=tl.float32)
@@ -133,9 +168,7 @@ def _once_fwd_kernel(X, Vp, iVp, XHAT, SPK, CNT, R, C, numel, tau, k,
 def _once_bwd_step(h, V, iV, w, P, Q, ax, bv, tau, k, alpha,
                    SG: tl.constexpr, TERNARY: tl.constexpr, DETACH: tl.constexpr):
     m, s = _fire(h, iV, TERNARY)
-    gz = _sg_grad(m - 1.0, SG, alpha)
-    if TERNARY:
-        gz += _sg_grad(-m - 1.0, SG, alpha)
+    gz = _spike_slope(m, SG, alpha, TERNARY)
     ax += w * gz * P
     bv += w * (s - m * gz) + w * gz * Q
     if DETACH:
@@ -151,7 +184,7 @@ def _once_bwd_step(h, V, iV, w, P, Q, ax, bv, tau, k, alpha,
 
 
 @triton.jit
-def _once_bwd_kernel(X, Vp, iVp, G, DX, DVP, R, C, tau, k, alpha,
+def _once_bwd_kernel(X, Vp, G, DX, DAP, R, C, tau, k, alpha,
                      T: tl.constexpr, SG: tl.constexpr, TERNARY: tl.constexpr, DETACH: tl.constexpr,
                      BR: tl.constexpr, BC: tl.constexpr):
     """Reverse mode of the T steps, in forward order. With k = 1/tau, g_t the surrogate slope
@@ -159,11 +192,12 @@ def _once_bwd_kernel(X, Vp, iVp, G, DX, DVP, R, C, tau, k, alpha,
     hh_t = a_t hh_{t+1} + G w_t g_t with a_t = k (1 - c g_t), so
         dx = G * sum_t w_t g_t P_t,               P_0 = 1, P_{t+1} = a_t P_t
         dV = G * sum_t w_t (s_t - m_t g_t + g_t Q_t),   Q_0 = 0, Q_{t+1} = a_t Q_t + k (c m_t g_t - s_t).
-    """
+    The tile's per-channel sums of dV, times V (= d/da of V = exp(a)), go to row program_id(0)
+    of DAP [row tiles, C]."""
     cols, mask, offs = _tile(R, C, BR, BC)
     x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
     g_up = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
-    V, iV = _thresholds(Vp, iVp, cols, C)
+    V, iV = _thresholds(Vp, cols, C)
     h = x
     w = tau * 0.0 + 1.0
     P = tl.full([BR, BC], 1.0, dtype=tl.float32)
@@ -177,80 +211,112 @@ def _once_bwd_kernel(X, Vp, iVp, G, DX, DVP, R, C, tau, k, alpha,
         for t in range(T):
             h, w, P, Q, ax, bv = _once_bwd_step(h, V, iV, w, P, Q, ax, bv, tau, k, alpha, SG, TERNARY, DETACH)
     tl.store(DX + offs, (g_up * ax).to(DX.dtype.element_ty), mask=mask)
-    dv = tl.sum(tl.where(mask, g_up * bv, 0.0), axis=0)
-    tl.store(DVP + tl.program_id(0).to(tl.int64) * C + cols, dv, mask=cols < C)
+    _store_da_partial(DAP, tl.where(mask, g_up * bv, 0.0), V, cols, C)
 
 
 # ---------------------------------------------------------------------------------------------
 # multi-step
 # ---------------------------------------------------------------------------------------------
 @triton.jit
-def _multi_fwd_kernel(X, V0, Vp, iVp, SPK, H, VLAST, R, C, numel, k,
+def _multi_fwd_step(t, x, u, V, iV, k, SPK, H, numel, offs, mask, TERNARY: tl.constexpr, SAVE_H: tl.constexpr):
+    h = x + u * k
+    m, s = _fire(h, iV, TERNARY)
+    if SAVE_H:
+        tl.store(H + t * numel + offs, h, mask=mask)
+    tl.store(SPK + t * numel + offs, s.to(SPK.dtype.element_ty), mask=mask)
+    return h - s * V
+
+
+@triton.jit
+def _multi_fwd_kernel(X, V0, Vp, SPK, H, VLAST, R, C, numel, k,
                       T: tl.constexpr, TERNARY: tl.constexpr, HAS_V0: tl.constexpr, SAVE_H: tl.constexpr,
                       BR: tl.constexpr, BC: tl.constexpr):
     cols, mask, offs = _tile(R, C, BR, BC)
-    V, iV = _thresholds(Vp, iVp, cols, C)
-    if HAS_V0:
-        u = tl.load(V0 + offs, mask=mask, other=0.0).to(tl.float32)
+    V, iV = _thresholds(Vp, cols, C)
+    u = _initial_state(V0, offs, mask, HAS_V0, BR, BC)
+    if T <= 16:  # unrolled: the step loads are independent of the recurrence and issue early
+        for t in tl.static_range(T):
+            x = tl.load(X + t * numel + offs, mask=mask, other=0.0).to(tl.float32)
+            u = _multi_fwd_step(t, x, u, V, iV, k, SPK, H, numel, offs, mask, TERNARY, SAVE_H)
     else:
-        u = tl.zeros([BR, BC], dtype=tl.float32)
-    for t in range(T):
-        x = tl.load(X + t * numel + offs, mask=mask, other=0.0).to(tl.float32)
-        h = x + u * k
-        m, s = _fire(h, iV, TERNARY)
-        if SAVE_H:
-            tl.store(H + t * numel + offs, h, mask=mask)
-        tl.store(SPK + t * numel + offs, s.to(SPK.dtype.element_ty), mask=mask)
-        u = h - s * V
+        for t in range(T):
+            x = tl.load(X + t * numel + offs, mask=mask, other=0.0).to(tl.float32)
+            u = _multi_fwd_step(t, x, u, V, iV, k, SPK, H, numel, offs, mask, TERNARY, SAVE_H)
     tl.store(VLAST + offs, u, mask=mask)
 
 
 @triton.jit
-def _multi_bwd_kernel(GS, GV, H, X, V0, Vp, iVp, DX, DV0, DVP, R, C, numel, k, alpha,
+def _initial_state(V0, offs, mask, HAS_V0: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
+    if HAS_V0:
+        u = tl.load(V0 + offs, mask=mask, other=0.0).to(tl.float32)
+    else:
+        u = tl.zeros([BR, BC], dtype=tl.float32)
+    return u
+
+
+@triton.jit
+def _store_da_partial(DAP, dv, V, cols, C):
+    """Row program_id(0) of DAP [row tiles, C]: the tile's column sums of dV times V (dL/da)."""
+    da = tl.sum(dv, axis=0) * tl.sum(V, axis=0)
+    tl.store(DAP + tl.program_id(0).to(tl.int64) * C + cols, da, mask=cols < C)
+
+
+@triton.jit
+def _multi_bwd_step(t, h, uh, dv, V, iV, k, alpha, GS, DX, numel, offs, mask,
+                    SG: tl.constexpr, TERNARY: tl.constexpr, DETACH: tl.constexpr):
+    """Step t of the reverse walk: uh is the adjoint of u_t; writes dx_t and returns the adjoint
+    of u_{t-1} and the running dV."""
+    g_up = tl.load(GS + t * numel + offs, mask=mask, other=0.0).to(tl.float32)
+    m, s = _fire(h, iV, TERNARY)
+    gz = _spike_slope(m, SG, alpha, TERNARY)
+    if DETACH:
+        sh = g_up
+    else:
+        sh = g_up - V * uh
+    mh = sh * gz
+    hh = uh + mh * iV
+    tl.store(DX + t * numel + offs, hh.to(DX.dtype.element_ty), mask=mask)
+    dv += -s * uh - m * mh * iV
+    return hh * k, dv
+
+
+@triton.jit
+def _multi_bwd_kernel(GS, GV, H, X, V0, Vp, DX, DV0, DAP, R, C, numel, k, alpha,
                       T: tl.constexpr, SG: tl.constexpr, TERNARY: tl.constexpr, DETACH: tl.constexpr,
                       HAS_GV: tl.constexpr, HAS_V0: tl.constexpr, RECOMPUTE: tl.constexpr,
                       BR: tl.constexpr, BC: tl.constexpr):
-    """Reverse walk over the steps. With RECOMPUTE the pre-fire potential h_t is recomputed from
-    x_0..x_t (the tile's x stays in L2 between steps) instead of being read from a saved h_seq."""
+    """Reverse walk over the steps. With RECOMPUTE (T <= RECOMPUTE_MAX_T) the tile's x_0..x_{T-1}
+    are read once and the pre-fire potentials h_t recomputed into registers (a tuple, the steps
+    unrolled); otherwise h_t is read from the h_seq the forward saved."""
     cols, mask, offs = _tile(R, C, BR, BC)
-    V, iV = _thresholds(Vp, iVp, cols, C)
+    V, iV = _thresholds(Vp, cols, C)
     if HAS_GV:
         uh = tl.load(GV + offs, mask=mask, other=0.0).to(tl.float32)
     else:
         uh = tl.zeros([BR, BC], dtype=tl.float32)
     dv = tl.zeros([BR, BC], dtype=tl.float32)
-    for i in range(T):
-        t = T - 1 - i
-        if RECOMPUTE:
-            if HAS_V0:
-                u = tl.load(V0 + offs, mask=mask, other=0.0).to(tl.float32)
-            else:
-                u = tl.zeros([BR, BC], dtype=tl.float32)
-            h = u
-            for j in range(0, t + 1):
-                x = tl.load(X + j * numel + offs, mask=mask, other=0.0).to(tl.float32)
-                h = x + u * k
-                m, s = _fire(h, iV, TERNARY)
-                u = h - s * V
-        else:
+    if RECOMPUTE:
+        u = _initial_state(V0, offs, mask, HAS_V0, BR, BC)
+        hs = ()
+        for t in tl.static_range(T):
+            h = tl.load(X + t * numel + offs, mask=mask, other=0.0).to(tl.float32) + u * k
+            m, s = _fire(h, iV, TERNARY)
+            u = h - s * V
+            hs = hs + (h,)
+        for t in tl.static_range(T - 1, -1, -1):
+            uh, dv = _multi_bwd_step(t, hs[t], uh, dv, V, iV, k, alpha, GS, DX, numel, offs, mask, SG, TERNARY, DETACH)
+    elif T <= 16:
+        for t in tl.static_range(T - 1, -1, -1):
             h = tl.load(H + t * numel + offs, mask=mask, other=0.0)
-        g_up = tl.load(GS + t * numel + offs, mask=mask, other=0.0).to(tl.float32)
-        m, s = _fire(h, iV, TERNARY)
-        gz = _sg_grad(m - 1.0, SG, alpha)
-        if TERNARY:
-            gz += _sg_grad(-m - 1.0, SG, alpha)
-        if DETACH:
-            sh = g_up
-        else:
-            sh = g_up - V * uh
-        mh = sh * gz
-        hh = uh + mh * iV
-        tl.store(DX + t * numel + offs, hh.to(DX.dtype.element_ty), mask=mask)
-        dv += -s * uh - m * mh * iV
-        uh = hh * k
+            uh, dv = _multi_bwd_step(t, h, uh, dv, V, iV, k, alpha, GS, DX, numel, offs, mask, SG, TERNARY, DETACH)
+    else:
+        for i in range(T):
+            t = T - 1 - i
+            h = tl.load(H + t * numel + offs, mask=mask, other=0.0)
+            uh, dv = _multi_bwd_step(t, h, uh, dv, V, iV, k, alpha, GS, DX, numel, offs, mask, SG, TERNARY, DETACH)
     if HAS_V0:
         tl.store(DV0 + offs, uh, mask=mask)
-    tl.store(DVP + tl.program_id(0).to(tl.int64) * C + cols, tl.sum(tl.where(mask, dv, 0.0), axis=0), mask=cols < C)
+    _store_da_partial(DAP, tl.where(mask, dv, 0.0), V, cols, C)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -271,18 +337,30 @@ def _as_2d(x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
     return x, x.numel() // max(C, 1), C
 
 
+def _channel_thresholds(V, C: int) -> torch.Tensor:
+    """V as a contiguous fp32 [C] (a scalar threshold is shared by every channel)."""
+    V = V.float()
+    return V if V.shape == (C,) and V.is_contiguous() else V.expand(C).contiguous()
+
+
+def _da(dap: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+    """dL/da of V = exp(a) from the per-tile partials [row tiles, C], shaped like V (a scalar
+    threshold gets the sum over channels)."""
+    da = dap.sum(0)
+    return da.sum() if V.dim() == 0 else da.reshape(V.shape)
+
+
 def once_fwd(x, V, T, tau, ternary=True, write_spikes=False, count=False):
     """``(x_hat, spikes int8 [T, *x.shape] or empty, counts int64 [2] (+, -) or empty)``."""
     x, R, C = _as_2d(x)
-    V = V.float().expand(C).contiguous()
-    iV = V.reciprocal()
+    Vc = _channel_thresholds(V, C)
     x_hat = torch.empty_like(x)
     spikes = torch.empty((T, *x.shape) if write_spikes else (0,), device=x.device, dtype=torch.int8)
     BR, BC = _blocks(C)
     grid = (triton.cdiv(R, BR), triton.cdiv(C, BC))
     cnt = torch.empty((grid[0] * grid[1], 2) if count else (0,), device=x.device, dtype=torch.int32)
     if x.numel():
-        _once_fwd_kernel[grid](x, V, iV, x_hat, spikes, cnt, R, C, x.numel(), float(tau), 1.0 / tau, T=T, TERNARY=ternary,
+        _once_fwd_kernel[grid](x, Vc, x_hat, spikes, cnt, R, C, x.numel(), float(tau), 1.0 / tau, T=T, TERNARY=ternary,
                                WRITE_SPIKES=write_spikes, COUNT=count, BR=BR, BC=BC, num_warps=TILE["num_warps"])
     counts = cnt.sum(0, dtype=torch.int64) if count else cnt.new_empty(0, dtype=torch.int64)
     if count and not x.numel():
@@ -291,19 +369,19 @@ def once_fwd(x, V, T, tau, ternary=True, write_spikes=False, count=False):
 
 
 def once_bwd(grad, x, V, T, tau, sg_id, alpha, ternary=True, detach_reset=False):
-    """``(dx [x.shape] in x.dtype, dV [C] fp32)``."""
+    """``(dx [x.shape] in x.dtype, da fp32 shaped like V)``: da is the gradient of the log-threshold
+    a (V = exp(a)), i.e. dL/dV * V."""
     x, R, C = _as_2d(x)
     grad = grad.contiguous()
-    Vc = V.float().expand(C).contiguous()
     dx = torch.empty_like(x)
+    if not x.numel():
+        return dx, torch.zeros_like(V, dtype=torch.float32)
     BR, BC = _blocks(C)
     grid = (triton.cdiv(R, BR), triton.cdiv(C, BC))
-    dvp = torch.empty((grid[0], C), device=x.device, dtype=torch.float32)
-    if not x.numel():
-        return dx, torch.zeros(C, device=x.device)
-    _once_bwd_kernel[grid](x, Vc, Vc.reciprocal(), grad, dx, dvp, R, C, float(tau), 1.0 / tau, float(alpha), T=T, SG=sg_id,
-                           TERNARY=ternary, DETACH=detach_reset, BR=BR, BC=BC, num_warps=TILE["num_warps"])
-    return dx, dvp.sum(0)
+    dap = torch.empty((grid[0], C), device=x.device, dtype=torch.float32)
+    _once_bwd_kernel[grid](x, _channel_thresholds(V, C), grad, dx, dap, R, C, float(tau), 1.0 / tau, float(alpha), T=T,
+                           SG=sg_id, TERNARY=ternary, DETACH=detach_reset, BR=BR, BC=BC, num_warps=TILE["num_warps"])
+    return dx, _da(dap, V)
 
 
 def multi_fwd(x_seq, V, tau, ternary=True, v0=None):
@@ -313,7 +391,6 @@ def multi_fwd(x_seq, V, tau, ternary=True, v0=None):
     T = x_seq.shape[0]
     C = x_seq.shape[-1]
     R = x_seq[0].numel() // C
-    Vc = V.float().expand(C).contiguous()
     spikes = torch.empty_like(x_seq)
     save_h = T > RECOMPUTE_MAX_T
     h_seq = torch.empty(x_seq.shape if save_h else (0,), device=x_seq.device, dtype=torch.float32)
@@ -321,7 +398,7 @@ def multi_fwd(x_seq, V, tau, ternary=True, v0=None):
     BR, BC = _blocks(C)
     grid = (triton.cdiv(R, BR), triton.cdiv(C, BC))
     if x_seq.numel():
-        _multi_fwd_kernel[grid](x_seq, v0.contiguous() if v0 is not None else x_seq, Vc, Vc.reciprocal(), spikes,
+        _multi_fwd_kernel[grid](x_seq, v0.contiguous() if v0 is not None else x_seq, _channel_thresholds(V, C), spikes,
                                 h_seq if save_h else spikes, v_last, R, C, R * C, 1.0 / tau, T=T, TERNARY=ternary,
                                 HAS_V0=v0 is not None, SAVE_H=save_h, BR=BR, BC=BC, num_warps=TILE["num_warps"])
     return spikes, h_seq, v_last
@@ -329,25 +406,24 @@ def multi_fwd(x_seq, V, tau, ternary=True, v0=None):
 
 def multi_bwd(grad_spikes, grad_v_last, h_seq, x_seq, v0, V, tau, sg_id, alpha, ternary=True, detach_reset=False,
               out_dtype=torch.float32):
-    """``(dx_seq [T, ...] in out_dtype, dv0 fp32 (empty without v0), dV [C] fp32)``; h_seq as
-    :func:`multi_fwd` returned it (empty: recompute from x_seq and v0)."""
+    """``(dx_seq [T, ...] in out_dtype, dv0 fp32 (empty without v0), da fp32 shaped like V)``; h_seq
+    as :func:`multi_fwd` returned it (empty: recompute from x_seq and v0); da = dL/dV * V."""
     x_seq = x_seq.contiguous()
     T = x_seq.shape[0]
     C = x_seq.shape[-1]
     R = x_seq[0].numel() // C
     recompute = h_seq.numel() == 0
-    Vc = V.float().expand(C).contiguous()
     dx = torch.empty(x_seq.shape, device=x_seq.device, dtype=out_dtype)
     dv0 = torch.empty(x_seq.shape[1:] if v0 is not None else (0,), device=x_seq.device, dtype=torch.float32)
+    if not x_seq.numel():
+        return dx, dv0, torch.zeros_like(V, dtype=torch.float32)
     BR, BC = _blocks(C)
     grid = (triton.cdiv(R, BR), triton.cdiv(C, BC))
-    dvp = torch.empty((grid[0], C), device=x_seq.device, dtype=torch.float32)
-    if not x_seq.numel():
-        return dx, dv0, torch.zeros(C, device=x_seq.device)
+    dap = torch.empty((grid[0], C), device=x_seq.device, dtype=torch.float32)
     _multi_bwd_kernel[grid](grad_spikes.contiguous(), grad_v_last.contiguous() if grad_v_last is not None else x_seq,
                             x_seq if recompute else h_seq, x_seq, v0.contiguous() if v0 is not None else x_seq,
-                            Vc, Vc.reciprocal(), dx, dv0 if v0 is not None else dx, dvp, R, C, R * C, 1.0 / tau,
+                            _channel_thresholds(V, C), dx, dv0 if v0 is not None else dx, dap, R, C, R * C, 1.0 / tau,
                             float(alpha), T=T, SG=sg_id, TERNARY=ternary, DETACH=detach_reset,
                             HAS_GV=grad_v_last is not None, HAS_V0=v0 is not None, RECOMPUTE=recompute, BR=BR, BC=BC,
                             num_warps=TILE["num_warps"])
-    return dx, dv0, dvp.sum(0)
+    return dx, dv0, _da(dap, V)

@@ -98,29 +98,30 @@ def _once_bwd_op(grad: Tensor, x: Tensor, V: Tensor, T: int, tau: float, sg_id: 
 
 @_once_bwd_op.register_fake
 def _(grad, x, V, T, tau, sg_id, alpha, ternary, detach_reset):
-    return torch.empty_like(x), x.new_empty((x.shape[-1],), dtype=torch.float32)
+    return torch.empty_like(x), torch.empty_like(V, dtype=torch.float32)
 
 
 class _OnceFn(torch.autograd.Function):
-    """Carries the surrogate id (not an op argument of the forward) into the backward."""
+    """Takes the log-threshold a itself (V = exp(a) is formed here and the kernel returns dL/da),
+    so one call adds one autograd node; carries the surrogate id into the backward."""
 
     @staticmethod
-    def forward(ctx, x, V, T, tau, ternary, write_spikes, count, sg_id, alpha, detach_reset):
+    def forward(ctx, x, a, T, tau, ternary, write_spikes, count, sg_id, alpha, detach_reset):
+        V = a.float().exp()
         fwd = _once_fwd_op if _compiling() else _kernels().once_fwd
         x_hat, spikes, counts = fwd(x, V, T, tau, ternary, write_spikes, count)
         ctx.save_for_backward(x, V)
-        ctx.args = (T, tau, sg_id, alpha, ternary, detach_reset)
+        ctx.args = (T, tau, sg_id, alpha, ternary, detach_reset, a.dtype)
         ctx.mark_non_differentiable(spikes, counts)
         return x_hat, spikes, counts
 
     @staticmethod
     def backward(ctx, g_xhat, g_spikes, g_counts):
         x, V = ctx.saved_tensors
-        T, tau, sg_id, alpha, ternary, detach_reset = ctx.args
+        T, tau, sg_id, alpha, ternary, detach_reset, a_dtype = ctx.args
         bwd = _once_bwd_op if _compiling() else _kernels().once_bwd
-        dx, dV = bwd(g_xhat.contiguous(), x, V, T, tau, sg_id, alpha, ternary, detach_reset)
-        dV = dV.sum() if V.dim() == 0 else dV.reshape(V.shape)
-        return dx, dV, None, None, None, None, None, None, None, None
+        dx, da = bwd(g_xhat.contiguous(), x, V, T, tau, sg_id, alpha, ternary, detach_reset)
+        return dx, da.to(a_dtype), None, None, None, None, None, None, None, None
 
 
 def atmn_once(x: Tensor, a: Tensor, T: int, tau: float, surrogate, ternary: bool = True,
@@ -128,8 +129,7 @@ def atmn_once(x: Tensor, a: Tensor, T: int, tau: float, surrogate, ternary: bool
     """Fused input-once ATMN: ``(x_hat, spikes int8 or None, counts [2] int64 or None)``.
     Gradients reach x and a (through V = exp(a))."""
     sg_id = surrogate_kernel_id(surrogate)
-    V = a.float().exp()
-    x_hat, spikes, counts = _OnceFn.apply(x, V, T, float(tau), bool(ternary), bool(write_spikes), bool(count),
+    x_hat, spikes, counts = _OnceFn.apply(x, a, T, float(tau), bool(ternary), bool(write_spikes), bool(count),
                                           sg_id, float(getattr(surrogate, "alpha", 1.0)), bool(detach_reset))
     return x_hat, (spikes if write_spikes else None), (counts if count else None)
 
@@ -163,37 +163,38 @@ def _multi_bwd_op(grad_spikes: Tensor, grad_v_last: Tensor | None, h_seq: Tensor
 def _(grad_spikes, grad_v_last, h_seq, x_seq, v0, V, tau, sg_id, alpha, ternary, detach_reset, out_dtype):
     return (torch.empty_like(x_seq, dtype=out_dtype),
             x_seq.new_empty(x_seq.shape[1:] if v0 is not None else (0,), dtype=torch.float32),
-            x_seq.new_empty((x_seq.shape[-1],), dtype=torch.float32))
+            torch.empty_like(V, dtype=torch.float32))
 
 
 class _MultiFn(torch.autograd.Function):
+    """Takes a (V = exp(a) formed here; the kernel returns dL/da), as :class:`_OnceFn`."""
+
     @staticmethod
-    def forward(ctx, x_seq, V, v0, tau, ternary, sg_id, alpha, detach_reset):
+    def forward(ctx, x_seq, a, v0, tau, ternary, sg_id, alpha, detach_reset):
+        V = a.float().exp()
         if _compiling():
             spikes, h_seq, v_last = _multi_fwd_op(x_seq, V, v0, tau, ternary)
         else:
             spikes, h_seq, v_last = _kernels().multi_fwd(x_seq, V, tau, ternary, v0)
         ctx.save_for_backward(h_seq, x_seq, v0, V)
-        ctx.args = (tau, sg_id, alpha, ternary, detach_reset, x_seq.dtype, None if v0 is None else v0.dtype)
+        ctx.args = (tau, sg_id, alpha, ternary, detach_reset, x_seq.dtype, None if v0 is None else v0.dtype, a.dtype)
         return spikes, v_last
 
     @staticmethod
     def backward(ctx, g_spikes, g_v_last):
         h_seq, x_seq, v0, V = ctx.saved_tensors
-        tau, sg_id, alpha, ternary, detach_reset, x_dtype, v0_dtype = ctx.args
+        tau, sg_id, alpha, ternary, detach_reset, x_dtype, v0_dtype, a_dtype = ctx.args
         if g_v_last is not None:
             g_v_last = g_v_last.float().contiguous()
         bwd = _multi_bwd_op if _compiling() else _kernels().multi_bwd
-        dx, dv0, dV = bwd(g_spikes.contiguous(), g_v_last, h_seq, x_seq, v0, V, tau, sg_id, alpha, ternary,
+        dx, dv0, da = bwd(g_spikes.contiguous(), g_v_last, h_seq, x_seq, v0, V, tau, sg_id, alpha, ternary,
                           detach_reset, x_dtype)
-        dV = dV.sum() if V.dim() == 0 else dV.reshape(V.shape)
-        return dx, dV, None if v0_dtype is None else dv0.to(v0_dtype), None, None, None, None, None
+        return dx, da.to(a_dtype), None if v0_dtype is None else dv0.to(v0_dtype), None, None, None, None, None
 
 
 def atmn_multistep(x_seq: Tensor, a: Tensor, tau: float, surrogate, ternary: bool = True,
                    detach_reset: bool = False, v0: Tensor | None = None):
     """Fused multi-step ATMN: ``x_seq [T, ..., C] -> (spikes [T, ..., C] in x dtype, v_last fp32)``."""
     sg_id = surrogate_kernel_id(surrogate)
-    V = a.float().exp()
-    return _MultiFn.apply(x_seq, V, v0, float(tau), bool(ternary), sg_id,
+    return _MultiFn.apply(x_seq, a, v0, float(tau), bool(ternary), sg_id,
                           float(getattr(surrogate, "alpha", 1.0)), bool(detach_reset))

@@ -114,6 +114,75 @@ def _multistep_case(sg_name, ternary, detach, T, with_v0):
     torch.testing.assert_close(a2.grad, a1.grad, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("sg_name", ["sigmoid", "atan"])
+@pytest.mark.parametrize("alpha", [1.0, 4.0, 20.0])
+def test_ternary_slope_at_extreme_potentials(sg_name, alpha, nan_poison):
+    """The one-exponential / one-reciprocal ternary slopes (``_spike_slope``) stay finite and equal
+    the two-term reference from far below -V through both thresholds to 1e30."""
+    a = torch.zeros(16, device=DEV)
+    v = torch.tensor([-1e30, -1e6, -37.0, -1.0 - 1e-6, -1.0, -0.999, -0.5, 0.0, 0.3, 0.999, 1.0, 1.0 + 1e-6,
+                      1.7, 37.0, 1e6, 1e30])
+    x = torch.cat([v, v * 0.731]).reshape(2, 16).to(DEV)
+    sg = resolve_surrogate(sg_name, alpha=alpha)
+    for T in (1, 3):
+        x1, a1 = x.clone().requires_grad_(), a.clone().requires_grad_()
+        xh1, _ = atmn_ref.atmn_once_ref(x1, a1, T, 0.5, sg)
+        xh1.sum().backward()
+        x2, a2 = x.clone().requires_grad_(), a.clone().requires_grad_()
+        xh2, _, _ = atmn_ops.atmn_once(x2, a2, T, 0.5, sg)
+        xh2.sum().backward()
+        assert torch.isfinite(x2.grad).all() and torch.isfinite(a2.grad).all()
+        torch.testing.assert_close(x2.grad, x1.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_kernels_compile_for_hopper():
+    """Every launcher's kernel variants compile down to a cubin for sm_90 (no GPU needed): what the
+    TRITON_INTERPRET tests cannot show."""
+    pytest.importorskip("triton.backends.nvidia.compiler")
+    env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    out = subprocess.run([sys.executable, "-m", "neuro_mar.kernels.compile_check"], capture_output=True, text=True,
+                         timeout=600, env=env)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
+    n = __import__("re").search(r"compiled (\d+) kernel variants for sm_90; 0 failed", out.stdout)
+    assert n and int(n.group(1)) >= 20, out.stdout  # once/multi fwd+bwd variants and the SBDS rows
+
+
+def test_compile_check_reports_a_kernel_that_does_not_compile(tmp_path):
+    """The compile check fails on what the interpreter accepts: a tuple indexed by a runtime loop
+    variable (legal Python, not legal Triton)."""
+    pytest.importorskip("triton.backends.nvidia.compiler")
+    code = (
+        "import torch, triton, triton.language as tl\n"
+        "from triton.runtime.jit import JITFunction\n"
+        "from neuro_mar.kernels.compile_check import _Compiler\n"
+        "@triton.jit\n"
+        "def bad(X, n, B: tl.constexpr):\n"
+        "    xs = (tl.load(X + tl.arange(0, B)), tl.load(X + B + tl.arange(0, B)))\n"
+        "    for i in range(n):\n"
+        "        tl.store(X + tl.arange(0, B), xs[i])\n"
+        "@triton.jit\n"
+        "def good(X, n, B: tl.constexpr):\n"
+        "    xs = (tl.load(X + tl.arange(0, B)), tl.load(X + B + tl.arange(0, B)))\n"
+        "    for i in tl.static_range(2):\n"
+        "        tl.store(X + tl.arange(0, B), xs[i])\n"
+        "c = _Compiler(90)\n"
+        "c(good, torch.zeros(64), 2, B=32)\n"
+        "print('compiled', len(c.done))\n"
+        "try:\n"
+        "    c(bad, torch.zeros(64), 2, B=32)\n"
+        "except Exception as err:\n"
+        "    print('refused', type(err).__name__)\n"
+        "else:\n"
+        "    print('compiled')\n"
+    )
+    (tmp_path / "bad_kernel.py").write_text(code)  # @triton.jit needs its source in a file
+    env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, str(tmp_path / "bad_kernel.py")], capture_output=True, text=True,
+                         timeout=300, env=env)
+    assert "compiled 1\nrefused CompilationError" in out.stdout, out.stdout + out.stderr[-3000:]
+
+
 def test_multistep_bf16():
     sg = resolve_surrogate("sigmoid")
     x, a = _case((4, 6, 50), dtype=torch.bfloat16)
