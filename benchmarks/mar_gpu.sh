@@ -21,6 +21,11 @@ if [ -z "${DATA:-}" ]; then
 fi
 mkdir -p "$RESULTS"
 LOG="$RESULTS/refine.log"
+# the device tool re-syncs the working tree on every call and drops ignored folders a call does not
+# carry (.data/ vanished under a running job once): read the data from a copy outside the checkout
+mkdir -p /tmp/mar_gpu_data
+cp -r "$DATA/wikitext-2-raw" "$DATA/arc" /tmp/mar_gpu_data/ || { echo "no WikiText-2 / ARC under $DATA"; exit 1; }
+DATA=/tmp/mar_gpu_data
 NEED_TEACHER=1 source benchmarks/device_env.sh || exit 1
 
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$RESULTS/gpu_info.txt"

@@ -107,6 +107,7 @@ class _OnceFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, a, T, tau, ternary, write_spikes, count, sg_id, alpha, detach_reset):
+        ctx.set_materialize_grads(False)  # no zero-filled gradients for the spikes and counts
         V = a.float().exp()
         fwd = _once_fwd_op if _compiling() else _kernels().once_fwd
         x_hat, spikes, counts = fwd(x, V, T, tau, ternary, write_spikes, count)
@@ -117,6 +118,8 @@ class _OnceFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_xhat, g_spikes, g_counts):
+        if g_xhat is None:
+            return (None,) * 10
         x, V = ctx.saved_tensors
         T, tau, sg_id, alpha, ternary, detach_reset, a_dtype = ctx.args
         bwd = _once_bwd_op if _compiling() else _kernels().once_bwd
@@ -171,6 +174,8 @@ class _MultiFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x_seq, a, v0, tau, ternary, sg_id, alpha, detach_reset):
+        # an unused v_last must not cost a zero-filled [N] gradient and the kernel's read of it
+        ctx.set_materialize_grads(False)
         V = a.float().exp()
         if _compiling():
             spikes, h_seq, v_last = _multi_fwd_op(x_seq, V, v0, tau, ternary)
@@ -184,6 +189,10 @@ class _MultiFn(torch.autograd.Function):
     def backward(ctx, g_spikes, g_v_last):
         h_seq, x_seq, v0, V = ctx.saved_tensors
         tau, sg_id, alpha, ternary, detach_reset, x_dtype, v0_dtype, a_dtype = ctx.args
+        if g_spikes is None and g_v_last is None:
+            return (None,) * 8
+        if g_spikes is None:
+            g_spikes = torch.zeros_like(x_seq)
         if g_v_last is not None:
             g_v_last = g_v_last.float().contiguous()
         bwd = _multi_bwd_op if _compiling() else _kernels().multi_bwd

@@ -183,6 +183,24 @@ def test_compile_check_reports_a_kernel_that_does_not_compile(tmp_path):
     assert "compiled 1\nrefused CompilationError" in out.stdout, out.stdout + out.stderr[-3000:]
 
 
+@pytest.mark.parametrize("use", ["spikes", "v_last"])
+def test_multistep_one_output_used(use, nan_poison):
+    """Only one output reaches the loss: the other's gradient is absent (not zero-filled), and the
+    gradients still equal the reference's."""
+    sg = resolve_surrogate("sigmoid")
+    x, a = _case((4, 5, 70))
+    grads = []
+    for fn in (atmn_ref.atmn_multistep_ref, atmn_ops.atmn_multistep):
+        xi, ai = x.clone().requires_grad_(), a.clone().requires_grad_()
+        s, u = fn(xi, ai, 0.5, sg)
+        out = s if use == "spikes" else u
+        (out * torch.linspace(-1, 1, out.numel(), device=DEV).reshape(out.shape)).sum().backward()
+        grads.append((xi.grad, ai.grad))
+    scale = grads[0][0].abs().max().item()  # as in _multistep_case: the adjoint grows by 1/tau per step back
+    torch.testing.assert_close(grads[1][0], grads[0][0], rtol=1e-5, atol=1e-6 * scale)
+    torch.testing.assert_close(grads[1][1], grads[0][1], rtol=1e-4, atol=1e-4)
+
+
 def test_multistep_bf16():
     sg = resolve_surrogate("sigmoid")
     x, a = _case((4, 6, 50), dtype=torch.bfloat16)
