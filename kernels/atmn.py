@@ -58,8 +58,9 @@ def _sg_grad(z, SG: tl.constexpr, alpha):
 def _spike_slope(m, SG: tl.constexpr, alpha, TERNARY: tl.constexpr):
     """d s / d m of the (ternary) spike at normalised potential m: g(m - 1) [+ g(-m - 1)].
 
-    The ternary Sigmoid and ATan sums take one exponential and one reciprocal (the special-
-    function unit bounds these kernels) instead of two of each. Sigmoid, with d = |m|,
+    The ternary Sigmoid and ATan sums take one exponential and one reciprocal instead of two of
+    each (the backward kernels are bound by instruction issue, and special-function ops issue at
+    a fraction of the FMA rate). Sigmoid, with d = |m|,
     e = exp(-alpha |d - 1|) and c = exp(-2 alpha): the far threshold's exponential is c e (d >= 1)
     or c / e (d < 1), so g(m-1) + g(-m-1) = alpha e (1/A^2 + c/B^2), A = 1 + e,
     B = 1 + c e or e + c; no term overflows (e <= 1, e / B <= 1). ATan: with p, q the two scaled
