@@ -68,7 +68,7 @@ def _spike_slope(m, SG: tl.constexpr, alpha, TERNARY: tl.constexpr):
     where the slope is below 1e-12, so the product stays finite)."""
     if TERNARY and SG == 0:
         d = tl.abs(m)
-        e = tl.exp(-alpha * tl.abs(d - 1.0))
+        e = tl.exp2((-1.4426950408889634 * alpha) * tl.abs(d - 1.0))  # log2(e) folded into the scalar
         c = tl.exp(-2.0 * alpha)
         A = 1.0 + e
         B = tl.where(d < 1.0, e + c, 1.0 + c * e)
