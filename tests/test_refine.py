@@ -186,8 +186,8 @@ def test_two_processes_agree_on_a_budget_cut(tmp_path):
 
 
 @pytest.mark.parametrize("case", ["missing", "empty", "not_llama", "seq_too_long", "bad_neuron", "bad_task",
-                                  "bad_ablation"])
-def test_bad_input_clear_error_and_no_output_folder(case, tmp_path, teacher_dir, data_file):
+                                  "bad_ablation", "ce_weight_with_fused_sbds"])
+def test_bad_input_clear_error_and_no_output_folder(case, tmp_path, teacher_dir, data_file, monkeypatch):
     out = tmp_path / "run"
     args = ["refine", "--out", str(out), "--preset", "tiny", "--teacher", str(teacher_dir), "--data", str(data_file)]
     if case == "missing":
@@ -214,6 +214,13 @@ def test_bad_input_clear_error_and_no_output_folder(case, tmp_path, teacher_dir,
     elif case == "bad_ablation":
         args += ["--ablation-neuron", "nope"]
         match = "unknown neuron"
+    elif case == "ce_weight_with_fused_sbds":  # refused before Stage 1, not at Stage 2's first step
+        pytest.importorskip("triton")
+        from neuro_mar.kernels import atmn_ops
+
+        monkeypatch.setattr(atmn_ops, "_backend", "triton")
+        args += ["--ce-weight", "0.1"]
+        match = "ce-weight needs materialised logits"
     else:
         args += ["--neuron", "nope"]
         match = "unknown neuron"

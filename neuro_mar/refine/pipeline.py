@@ -157,7 +157,7 @@ def loss_1b(student, teacher, ids):
 def logit_sbds(student, teacher, ids, alpha: float, beta: float, temperature: float = 1.0, hidden: bool = False):
     """``(loss, student outputs, teacher outputs)`` of SBDS on the logits: through the fused linear op
     on CUDA (outputs of ``.model``: hidden states, no logits), else on materialised logits."""
-    if _use_fused_sbds(ids):  # logits never materialised for the whole batch
+    if _use_fused_sbds(ids.device):  # logits never materialised for the whole batch
         from ..kernels.sbds import fused_linear_sbds
 
         with torch.no_grad():
@@ -176,18 +176,24 @@ def loss_1c(student, teacher, ids):
     return logit_sbds(student, teacher, ids, alpha=1.0, beta=0.0)[0]
 
 
-def _use_fused_sbds(ids) -> bool:
+def _use_fused_sbds(device: torch.device) -> bool:
+    """Whether the SBDS logit loss on ``device`` runs through the fused op (kernel backend knob)."""
     from ..kernels import atmn_ops
 
     backend = atmn_ops.get_backend()
-    return backend != "torch" and atmn_ops.triton_available() and (ids.is_cuda or backend == "triton")
+    return backend != "torch" and atmn_ops.triton_available() and (device.type == "cuda" or backend == "triton")
+
+
+def _check_ce_weight(cfg: RefineConfig, device: torch.device) -> None:
+    if cfg.ce_weight and _use_fused_sbds(device):
+        raise RefineError("--ce-weight needs materialised logits, which the fused SBDS loss never forms: "
+                          "run with NEURO_MAR_KERNELS=torch or drop --ce-weight")
 
 
 def make_loss_2(cfg: RefineConfig):
     def loss_2(student, teacher, ids):
         want_h = cfg.gamma > 0
-        if cfg.ce_weight and _use_fused_sbds(ids):
-            raise RefineError("--ce-weight needs materialised logits: run with NEURO_MAR_KERNELS=torch")
+        _check_ce_weight(cfg, ids.device)
         loss, s, t = logit_sbds(student, teacher, ids, cfg.alpha, cfg.beta, cfg.temperature, hidden=want_h)
         if want_h:
             L = len(student.model.layers)
@@ -293,9 +299,8 @@ def run_refine(cfg: RefineConfig, out: str | Path, resume: bool = False, progres
     out = Path(out)
     distributed = init_distributed()
     rank, _ = world()
-    if cfg.ce_weight and torch.cuda.is_available() and _use_fused_sbds(torch.empty(0, device="cuda")):
-        raise RefineError("--ce-weight needs materialised logits, which the fused SBDS loss on CUDA never forms: "
-                          "run with NEURO_MAR_KERNELS=torch or drop --ce-weight")
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    _check_ce_weight(cfg, device)  # before Stage 1, not at Stage 2's first step
     if out.exists() and any(out.iterdir()) and not resume:
         raise RefineError(f"output folder {out} exists and is not empty; pass --resume to continue it or choose a new --out")
     t_start = time.time()
@@ -307,7 +312,6 @@ def run_refine(cfg: RefineConfig, out: str | Path, resume: bool = False, progres
         atomic_write_text(out / "refine_config.json", json.dumps(asdict(cfg), indent=2))
     if distributed:
         torch.distributed.barrier()
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     teacher.to(device).requires_grad_(False)
     student.to(device)
     times_file = out / "stage_times.json"  # completed stages' wall time and tokens, kept across --resume
