@@ -219,13 +219,21 @@ def _once_bwd_kernel(X, Vp, G, DX, DAP, R, C, tau, k, alpha,
 # multi-step
 # ---------------------------------------------------------------------------------------------
 @triton.jit
-def _multi_fwd_step(t, x, u, V, iV, k, SPK, H, numel, offs, mask, TERNARY: tl.constexpr, SAVE_H: tl.constexpr):
+def _multi_charge_fire(x, u, V, iV, k, TERNARY: tl.constexpr):
+    """One multi-step update: ``(h_t, s_t, u_t)`` from x_t and u_{t-1} (the forward and the
+    backward's recompute share it, so the recomputed potentials are the forward's bit for bit)."""
     h = x + u * k
     m, s = _fire(h, iV, TERNARY)
+    return h, s, h - s * V
+
+
+@triton.jit
+def _multi_fwd_step(t, x, u, V, iV, k, SPK, H, numel, offs, mask, TERNARY: tl.constexpr, SAVE_H: tl.constexpr):
+    h, s, u = _multi_charge_fire(x, u, V, iV, k, TERNARY)
     if SAVE_H:
         tl.store(H + t * numel + offs, h, mask=mask)
     tl.store(SPK + t * numel + offs, s.to(SPK.dtype.element_ty), mask=mask)
-    return h - s * V
+    return u
 
 
 @triton.jit
@@ -300,9 +308,8 @@ def _multi_bwd_kernel(GS, GV, H, X, V0, Vp, DX, DV0, DAP, R, C, numel, k, alpha,
         u = _initial_state(V0, offs, mask, HAS_V0, BR, BC)
         hs = ()
         for t in tl.static_range(T):
-            h = tl.load(X + t * numel + offs, mask=mask, other=0.0).to(tl.float32) + u * k
-            m, s = _fire(h, iV, TERNARY)
-            u = h - s * V
+            x = tl.load(X + t * numel + offs, mask=mask, other=0.0).to(tl.float32)
+            h, s, u = _multi_charge_fire(x, u, V, iV, k, TERNARY)
             hs = hs + (h,)
         for t in tl.static_range(T - 1, -1, -1):
             uh, dv = _multi_bwd_step(t, hs[t], uh, dv, V, iV, k, alpha, GS, DX, numel, offs, mask, SG, TERNARY, DETACH)
