@@ -63,8 +63,14 @@ def _energy_rows(model, activity, contexts) -> dict:
     return energy
 
 
-def _firing(activity) -> dict:
-    return {f"L{k[0]:02d}.{k[1]}": v["firing_rate"] for k, v in activity.items() if isinstance(k, tuple)}
+def _spiking_summary(model, held, contexts) -> tuple[dict, float, dict]:
+    """(firing rate per layer and site, their mean, energy rows by context) of a spiking model,
+    from its site activity on the held-out rows."""
+    from ..hardware_models.counting import measure_site_activity
+
+    activity = measure_site_activity(model, [held])
+    firing = {f"L{k[0]:02d}.{k[1]}": v["firing_rate"] for k, v in activity.items() if isinstance(k, tuple)}
+    return firing, sum(firing.values()) / max(1, len(firing)), _energy_rows(model, activity, contexts)
 
 
 def _guarded(rows: dict, key: str, fn) -> None:
@@ -111,8 +117,6 @@ def _extended_eval(cfg, models: dict, teacher, tok) -> tuple[dict, dict]:
 
 def build_report(cfg, out: Path, teacher, stage1, before, student, tok, held, timings, tokens, wall,
                  ablations: dict | None = None, throughput: dict | None = None) -> dict:
-    from ..hardware_models.counting import measure_site_activity
-
     ablations = ablations or {}
     models = {"teacher": teacher, "stage1_ssm": stage1, "spiking_before_stage2": before, "spiking_student": student}
     models.update({f"ablation_{name}": m for name, m in ablations.items()})
@@ -125,19 +129,14 @@ def build_report(cfg, out: Path, teacher, stage1, before, student, tok, held, ti
     extra, eval_info = _extended_eval(cfg, models, teacher, tok)
     for name, r in extra.items():
         rows[name].update(r)
-    activity = measure_site_activity(student, [held])
-    firing = _firing(activity)
-    energy = _energy_rows(student, activity, cfg.energy_contexts)
+    firing, mean_rate, energy = _spiking_summary(student, held, cfg.energy_contexts)
     ablation_info = {}
     for name, m in ablations.items():
-        act = measure_site_activity(m, [held])
-        fr = _firing(act)
-        ablation_info[name] = {"mean_firing_rate": sum(fr.values()) / max(1, len(fr)),
-                               "energy_per_token": _energy_rows(m, act, cfg.energy_contexts)}
+        _, rate, e = _spiking_summary(m, held, cfg.energy_contexts)
+        ablation_info[name] = {"mean_firing_rate": rate, "energy_per_token": e}
     plots = _plots(out, firing)
     report = {"teacher": cfg.teacher, "neuron": cfg.neuron, "models": rows, "evaluation": eval_info,
-              "firing_rates": firing,
-              "mean_firing_rate": sum(firing.values()) / max(1, len(firing)), "energy_per_token": energy,
+              "firing_rates": firing, "mean_firing_rate": mean_rate, "energy_per_token": energy,
               "ablations": ablation_info, "throughput": throughput,
               "stage_seconds": timings, "stage_tokens": tokens, "wall_seconds": wall,
               "heldout_tokens": int(held.numel()), "plots": plots,
