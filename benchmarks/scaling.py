@@ -75,6 +75,7 @@ def _worker(args) -> None:
         print(RESULT + json.dumps({"nprocs": n, "losses": [r["loss"] for r in hist], "tokens_per_s": tok,
                                    "peak_GiB_per_rank": peaks, "micro_batch": cfg.micro_batch,
                                    "fsdp": bool(args.fsdp)}), flush=True)
+    del trainer  # its DDP wrapper must not outlive the process group (see shutdown_distributed)
     shutdown_distributed()
 
 

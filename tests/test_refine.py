@@ -137,6 +137,7 @@ if world()[0] == 0:
 final = tr.result().student.lm_head.weight.sum().item()
 if world()[0] == 0:
     print("LOSSES", json.dumps([r["loss"] for r in h] + [final]), flush=True)
+del tr  # its DDP wrapper must not outlive the process group (see shutdown_distributed)
 shutdown_distributed()
 """
 
