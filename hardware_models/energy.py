@@ -9,12 +9,10 @@ import csv
 import io
 import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..io_utils import atomic_write_text
+from ..io_utils import atomic_savefig, atomic_write_text
 from .counting import Row, llama_rows, measure_site_activity, site_fanout, student_rows, totals
 from .targets import DEFAULT_TARGETS, PJ, CostTable, get_target
 
@@ -175,11 +173,8 @@ class EnergyReport:
             ax.set_title(f"{name}: spiking student, energy per token by layer (context {self.context})", fontsize=9)
             ax.legend(fontsize=7, ncol=4)
         fig.tight_layout()
-        fd, tmp = tempfile.mkstemp(dir=Path(path).parent, suffix=".png.tmp")
-        os.close(fd)
-        fig.savefig(tmp, dpi=110, format="png")
+        atomic_savefig(fig, path)
         plt.close(fig)
-        os.replace(tmp, path)
 
 
 def teacher_config_of(model) -> dict | None:

@@ -240,6 +240,7 @@ def _cmd_simulate(args) -> int:
     import json
     from pathlib import Path
 
+    from .io_utils import atomic_write_text
     from .simulate import EventDrivenExecutor, MappingError
 
     model, tok = _model_and_tokenizer(args.model, args.neuron, args.tokenizer, mar=True)
@@ -271,7 +272,7 @@ def _cmd_simulate(args) -> int:
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "simulate.json").write_text(json.dumps(rep, indent=2))
+        atomic_write_text(out / "simulate.json", json.dumps(rep, indent=2))
         ex.plot_core_map(out / "core_map.png")
         print(f"wrote {out / 'simulate.json'} and {out / 'core_map.png'}")
     return 0

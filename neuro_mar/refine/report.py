@@ -5,7 +5,7 @@ import json
 import math
 from pathlib import Path
 
-from ..io_utils import atomic_write_text
+from ..io_utils import atomic_savefig, atomic_write_text
 from .evaluate import agreement, perplexity
 
 
@@ -30,7 +30,7 @@ def _plots(out: Path, firing: dict) -> list[str]:
         axes[0, 0].set_ylabel("loss")
         fig.tight_layout()
         p = out / "loss_curves.png"
-        fig.savefig(p, dpi=100)
+        atomic_savefig(fig, p, dpi=100)
         plt.close(fig)
         paths.append(p.name)
     if firing:
@@ -45,7 +45,7 @@ def _plots(out: Path, firing: dict) -> list[str]:
         ax.legend(fontsize=8)
         fig.tight_layout()
         p = out / "firing_rates.png"
-        fig.savefig(p, dpi=100)
+        atomic_savefig(fig, p, dpi=100)
         plt.close(fig)
         paths.append(p.name)
     return paths

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ..hardware_models.targets import CostTable, get_target
+from ..io_utils import atomic_savefig
 from ..ssm.discrete_mamba2 import MixerState
 from .mapping import Mapping, map_onto_cores
 
@@ -234,5 +235,5 @@ class EventDrivenExecutor:
         ax.set_ylabel("mesh y")
         fig.colorbar(im, ax=ax)
         fig.tight_layout()
-        fig.savefig(path, dpi=110)
+        atomic_savefig(fig, path)
         plt.close(fig)

@@ -1,13 +1,12 @@
 """Other views of a trace: NWB (pynwb Units table) and NIR's ValuedEventData."""
 from __future__ import annotations
 
-import os
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 
+from ..io_utils import atomic_target
 from .sonata import Trace, read_trace
 
 
@@ -39,14 +38,9 @@ def export_nwb(trace: Trace | str | Path, path: str | Path) -> Path:
         for lo, hi in zip(np.r_[0, bounds], np.r_[bounds, len(nid)]):
             nwb.add_unit(spike_times=ts[lo:hi] / 1000.0, population=name, channel=int(nid[lo]),
                          polarity=pol[lo:hi].astype(np.int8).tolist())
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".part-", suffix=".nwb")
-    os.close(fd)
-    try:
+    with atomic_target(path, suffix=".nwb") as tmp:
         with NWBHDF5IO(tmp, "w") as io:
             io.write(nwb)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
     return path
 
 
@@ -82,11 +76,6 @@ def export_nir(trace: Trace | str | Path, path: str | Path) -> Path:
     import nir
 
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".nir.part")
-    os.close(fd)
-    try:
+    with atomic_target(path, suffix=".nir") as tmp:
         nir.write_data(tmp, to_nir(trace))
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
     return path

@@ -2,20 +2,12 @@
 firing rates (layer x site kind)."""
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from ..io_utils import atomic_savefig
 from .sonata import Trace, read_trace
-
-
-def _save(fig, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".png.part")
-    os.close(fd)
-    fig.savefig(tmp, dpi=110, format="png")
-    os.replace(tmp, path)
 
 
 def plot_trace(trace: Trace | str | Path, out_dir: str | Path, max_tokens: int = 64, max_channels: int = 128) -> list[Path]:
@@ -47,7 +39,7 @@ def plot_trace(trace: Trace | str | Path, out_dir: str | Path, max_tokens: int =
         ax.legend(loc="upper right", fontsize=8, markerscale=4)
         fig.tight_layout()
         p = out / f"raster_{name}.png"
-        _save(fig, p)
+        atomic_savefig(fig, p)
         plt.close(fig)
         paths.append(p)
     layers = sorted({p.layer for p in tr.populations.values()})
@@ -63,7 +55,7 @@ def plot_trace(trace: Trace | str | Path, out_dir: str | Path, max_tokens: int =
     fig.colorbar(im, ax=ax)
     fig.tight_layout()
     p = out / "firing_rates.png"
-    _save(fig, p)
+    atomic_savefig(fig, p)
     plt.close(fig)
     paths.append(p)
     return paths
