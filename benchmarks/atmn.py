@@ -137,6 +137,8 @@ def main():
         "input_once_x_floor": round(once / main_case["floor_ms"], 3),
         "speedup_vs_sj_lif_multi": ratio("SpikingJelly LIFNode (fused binary)", ours),
         "speedup_vs_sj_ternary_lif_multi": ratio("SpikingJelly TernaryLIFNode", ours),
+        "speedup_vs_sj_lif_once": ratio("SpikingJelly LIFNode (fused binary)", once),
+        "speedup_vs_sj_ternary_lif_once": ratio("SpikingJelly TernaryLIFNode", once),
         "speedup_vs_torch_compile_multi": ratio("torch.compile PyTorch ATMN multi-step", ours),
         "speedup_vs_torch_compile_once": ratio("torch.compile PyTorch ATMN input-once", once),
         "graph_multi_step_x_floor": (round(im["ours multi-step (Triton)"]["fwd_bwd_graph_ms"] / main_case["floor_ms"], 3)

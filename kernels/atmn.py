@@ -32,6 +32,7 @@ import triton.language as tl
 
 
 from .atmn_constants import RECOMPUTE_MAX_T, SURROGATE_IDS  # noqa: F401  (ids of _sg_grad)
+from .launch import CachedLaunch
 
 
 @triton.jit
@@ -330,13 +331,21 @@ def _multi_bwd_kernel(GS, GV, H, X, V0, Vp, DX, DV0, DAP, R, C, numel, k, alpha,
 # ---------------------------------------------------------------------------------------------
 # launchers
 # ---------------------------------------------------------------------------------------------
+_launch_once_fwd = CachedLaunch(_once_fwd_kernel)
+_launch_once_bwd = CachedLaunch(_once_bwd_kernel)
+_launch_multi_fwd = CachedLaunch(_multi_fwd_kernel)
+_launch_multi_bwd = CachedLaunch(_multi_bwd_kernel)
+
 #: tile elements per program and warps; benchmarks/atmn_tune.py measures alternatives
 TILE = {"elems": 2048, "max_cols": 256, "num_warps": 8}  # best of the sweep on an H200 (2026-11-29)
 
 
-def _blocks(C: int) -> tuple[int, int]:
-    BC = min(TILE["max_cols"], triton.next_power_of_2(max(C, 1)))
-    return max(1, TILE["elems"] // BC), BC
+def _geometry(R: int, C: int) -> tuple[int, int, tuple[int, int]]:
+    """Tile rows and channels and the grid for R rows of C channels (plain integer arithmetic:
+    triton.cdiv and next_power_of_2 cost microseconds of host time per call)."""
+    BC = min(TILE["max_cols"], 1 << (max(C, 1) - 1).bit_length())
+    BR = max(1, TILE["elems"] // BC)
+    return BR, BC, (-(-R // BR), -(-C // BC))
 
 
 def _as_2d(x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
@@ -355,24 +364,27 @@ def _da(dap: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
     """dL/da of V = exp(a) from the per-tile partials [row tiles, C], shaped like V (a scalar
     threshold gets the sum over channels)."""
     da = dap.sum(0)
-    return da.sum() if V.dim() == 0 else da.reshape(V.shape)
+    if V.dim() == 0:
+        return da.sum()
+    return da if da.shape == V.shape else da.reshape(V.shape)
 
 
 def once_fwd(x, V, T, tau, ternary=True, write_spikes=False, count=False):
-    """``(x_hat, spikes int8 [T, *x.shape] or empty, counts int64 [2] (+, -) or empty)``."""
+    """``(x_hat, spikes int8 [T, *x.shape] or None, counts int64 [2] (+, -) or None)``: the spikes
+    and counts only when asked for (nothing is allocated for them otherwise)."""
     x, R, C = _as_2d(x)
-    Vc = _channel_thresholds(V, C)
     x_hat = torch.empty_like(x)
-    spikes = torch.empty((T, *x.shape) if write_spikes else (0,), device=x.device, dtype=torch.int8)
-    BR, BC = _blocks(C)
-    grid = (triton.cdiv(R, BR), triton.cdiv(C, BC))
-    cnt = torch.empty((grid[0] * grid[1], 2) if count else (0,), device=x.device, dtype=torch.int32)
-    if x.numel():
-        _once_fwd_kernel[grid](x, Vc, x_hat, spikes, cnt, R, C, x.numel(), float(tau), 1.0 / tau, T=T, TERNARY=ternary,
-                               WRITE_SPIKES=write_spikes, COUNT=count, BR=BR, BC=BC, num_warps=TILE["num_warps"])
-    counts = cnt.sum(0, dtype=torch.int64) if count else cnt.new_empty(0, dtype=torch.int64)
-    if count and not x.numel():
-        counts = torch.zeros(2, dtype=torch.int64, device=x.device)
+    spikes = torch.empty((T, *x.shape), device=x.device, dtype=torch.int8) if write_spikes else None
+    BR, BC, grid = _geometry(R, C)
+    cnt = torch.empty((grid[0] * grid[1], 2), device=x.device, dtype=torch.int32) if count else None
+    n = x.numel()
+    if n:  # unwritten outputs get x_hat as a placeholder pointer (their stores are compiled out)
+        _launch_once_fwd(grid, x, _channel_thresholds(V, C), x_hat, x_hat if spikes is None else spikes,
+                         x_hat if cnt is None else cnt, R, C, n, float(tau), 1.0 / tau, T, ternary, write_spikes,
+                         count, BR, BC, num_warps=TILE["num_warps"])
+    counts = None
+    if count:
+        counts = cnt.sum(0, dtype=torch.int64) if n else torch.zeros(2, dtype=torch.int64, device=x.device)
     return x_hat, spikes, counts
 
 
@@ -384,54 +396,52 @@ def once_bwd(grad, x, V, T, tau, sg_id, alpha, ternary=True, detach_reset=False)
     dx = torch.empty_like(x)
     if not x.numel():
         return dx, torch.zeros_like(V, dtype=torch.float32)
-    BR, BC = _blocks(C)
-    grid = (triton.cdiv(R, BR), triton.cdiv(C, BC))
+    BR, BC, grid = _geometry(R, C)
     dap = torch.empty((grid[0], C), device=x.device, dtype=torch.float32)
-    _once_bwd_kernel[grid](x, _channel_thresholds(V, C), grad, dx, dap, R, C, float(tau), 1.0 / tau, float(alpha), T=T,
-                           SG=sg_id, TERNARY=ternary, DETACH=detach_reset, BR=BR, BC=BC, num_warps=TILE["num_warps"])
+    _launch_once_bwd(grid, x, _channel_thresholds(V, C), grad, dx, dap, R, C, float(tau), 1.0 / tau, float(alpha), T,
+                     sg_id, ternary, detach_reset, BR, BC, num_warps=TILE["num_warps"])
     return dx, _da(dap, V)
 
 
+def _rows(x_seq: torch.Tensor) -> tuple[int, int, int]:
+    """T, rows R and channels C of a [T, ..., C] sequence."""
+    T, C = x_seq.shape[0], x_seq.shape[-1]
+    return T, (x_seq.numel() // (T * C) if T * C else 0), C
+
+
 def multi_fwd(x_seq, V, tau, ternary=True, v0=None):
-    """``(spikes [T, ...] in x.dtype, h_seq fp32 or empty (saved for backward), v_last fp32)``;
+    """``(spikes [T, ...] in x.dtype, h_seq fp32 or None (saved for backward), v_last fp32)``;
     h_seq is only written when T > RECOMPUTE_MAX_T."""
     x_seq = x_seq.contiguous()
-    T = x_seq.shape[0]
-    C = x_seq.shape[-1]
-    R = x_seq[0].numel() // C
+    T, R, C = _rows(x_seq)
     spikes = torch.empty_like(x_seq)
     save_h = T > RECOMPUTE_MAX_T
-    h_seq = torch.empty(x_seq.shape if save_h else (0,), device=x_seq.device, dtype=torch.float32)
+    h_seq = torch.empty(x_seq.shape, device=x_seq.device, dtype=torch.float32) if save_h else None
     v_last = torch.empty(x_seq.shape[1:], device=x_seq.device, dtype=torch.float32)
-    BR, BC = _blocks(C)
-    grid = (triton.cdiv(R, BR), triton.cdiv(C, BC))
+    BR, BC, grid = _geometry(R, C)
     if x_seq.numel():
-        _multi_fwd_kernel[grid](x_seq, v0.contiguous() if v0 is not None else x_seq, _channel_thresholds(V, C), spikes,
-                                h_seq if save_h else spikes, v_last, R, C, R * C, 1.0 / tau, T=T, TERNARY=ternary,
-                                HAS_V0=v0 is not None, SAVE_H=save_h, BR=BR, BC=BC, num_warps=TILE["num_warps"])
+        _launch_multi_fwd(grid, x_seq, v0.contiguous() if v0 is not None else x_seq, _channel_thresholds(V, C), spikes,
+                          h_seq if save_h else spikes, v_last, R, C, R * C, 1.0 / tau, T, ternary, v0 is not None,
+                          save_h, BR, BC, num_warps=TILE["num_warps"])
     return spikes, h_seq, v_last
 
 
 def multi_bwd(grad_spikes, grad_v_last, h_seq, x_seq, v0, V, tau, sg_id, alpha, ternary=True, detach_reset=False,
               out_dtype=torch.float32):
-    """``(dx_seq [T, ...] in out_dtype, dv0 fp32 (empty without v0), da fp32 shaped like V)``; h_seq
-    as :func:`multi_fwd` returned it (empty: recompute from x_seq and v0); da = dL/dV * V."""
+    """``(dx_seq [T, ...] in out_dtype, dv0 fp32 (None without v0), da fp32 shaped like V)``; h_seq
+    as :func:`multi_fwd` returned it (None or empty: recompute from x_seq and v0); da = dL/dV * V."""
     x_seq = x_seq.contiguous()
-    T = x_seq.shape[0]
-    C = x_seq.shape[-1]
-    R = x_seq[0].numel() // C
-    recompute = h_seq.numel() == 0
+    T, R, C = _rows(x_seq)
+    recompute = h_seq is None or h_seq.numel() == 0
     dx = torch.empty(x_seq.shape, device=x_seq.device, dtype=out_dtype)
-    dv0 = torch.empty(x_seq.shape[1:] if v0 is not None else (0,), device=x_seq.device, dtype=torch.float32)
+    dv0 = torch.empty(x_seq.shape[1:], device=x_seq.device, dtype=torch.float32) if v0 is not None else None
     if not x_seq.numel():
         return dx, dv0, torch.zeros_like(V, dtype=torch.float32)
-    BR, BC = _blocks(C)
-    grid = (triton.cdiv(R, BR), triton.cdiv(C, BC))
+    BR, BC, grid = _geometry(R, C)
     dap = torch.empty((grid[0], C), device=x_seq.device, dtype=torch.float32)
-    _multi_bwd_kernel[grid](grad_spikes.contiguous(), grad_v_last.contiguous() if grad_v_last is not None else x_seq,
-                            x_seq if recompute else h_seq, x_seq, v0.contiguous() if v0 is not None else x_seq,
-                            _channel_thresholds(V, C), dx, dv0 if v0 is not None else dx, dap, R, C, R * C, 1.0 / tau,
-                            float(alpha), T=T, SG=sg_id, TERNARY=ternary, DETACH=detach_reset,
-                            HAS_GV=grad_v_last is not None, HAS_V0=v0 is not None, RECOMPUTE=recompute, BR=BR, BC=BC,
-                            num_warps=TILE["num_warps"])
+    _launch_multi_bwd(grid, grad_spikes.contiguous(), grad_v_last.contiguous() if grad_v_last is not None else x_seq,
+                      x_seq if recompute else h_seq, x_seq, v0.contiguous() if v0 is not None else x_seq,
+                      _channel_thresholds(V, C), dx, dv0 if v0 is not None else dx, dap, R, C, R * C, 1.0 / tau,
+                      float(alpha), T, sg_id, ternary, detach_reset, grad_v_last is not None, v0 is not None,
+                      recompute, BR, BC, num_warps=TILE["num_warps"])
     return dx, dv0, _da(dap, V)

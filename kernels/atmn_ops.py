@@ -15,6 +15,8 @@ import os
 import torch
 from torch import Tensor
 
+from .atmn_constants import SURROGATE_IDS
+
 BACKENDS = ("auto", "torch", "triton")
 _backend = os.environ.get("NEURO_MAR_KERNELS", "auto")
 
@@ -39,10 +41,17 @@ def triton_available() -> bool:
         return False
 
 
-def _kernels():
-    from . import atmn
+_atmn = None
 
-    return atmn
+
+def _kernels():
+    """The kernel module, imported (with triton) on first use."""
+    global _atmn
+    if _atmn is None:
+        from . import atmn
+
+        _atmn = atmn
+    return _atmn
 
 
 def _compiling() -> bool:
@@ -55,8 +64,6 @@ def surrogate_kernel_id(surrogate) -> int | None:
     """Kernel id of a SpikingJelly surrogate module, or None when the kernels do not cover it."""
     if not getattr(surrogate, "spiking", True):
         return None
-    from .atmn_constants import SURROGATE_IDS
-
     return SURROGATE_IDS.get(type(surrogate).__name__)
 
 
@@ -81,7 +88,9 @@ def use_kernel(x: Tensor, surrogate) -> bool:
 @torch.library.custom_op("neuro_mar::atmn_once_fwd", mutates_args=())
 def _once_fwd_op(x: Tensor, V: Tensor, T: int, tau: float, ternary: bool, write_spikes: bool,
                  count: bool) -> tuple[Tensor, Tensor, Tensor]:
-    return _kernels().once_fwd(x, V, T, tau, ternary, write_spikes, count)
+    x_hat, spikes, counts = _kernels().once_fwd(x, V, T, tau, ternary, write_spikes, count)
+    return (x_hat, x.new_empty(0, dtype=torch.int8) if spikes is None else spikes,
+            x.new_empty(0, dtype=torch.int64) if counts is None else counts)
 
 
 @_once_fwd_op.register_fake
@@ -113,7 +122,8 @@ class _OnceFn(torch.autograd.Function):
         x_hat, spikes, counts = fwd(x, V, T, tau, ternary, write_spikes, count)
         ctx.save_for_backward(x, V)
         ctx.args = (T, tau, sg_id, alpha, ternary, detach_reset, a.dtype)
-        ctx.mark_non_differentiable(spikes, counts)
+        if write_spikes or count:
+            ctx.mark_non_differentiable(*(t for t in (spikes, counts) if t is not None))
         return x_hat, spikes, counts
 
     @staticmethod
@@ -123,8 +133,8 @@ class _OnceFn(torch.autograd.Function):
         x, V = ctx.saved_tensors
         T, tau, sg_id, alpha, ternary, detach_reset, a_dtype = ctx.args
         bwd = _once_bwd_op if _compiling() else _kernels().once_bwd
-        dx, da = bwd(g_xhat.contiguous(), x, V, T, tau, sg_id, alpha, ternary, detach_reset)
-        return dx, da.to(a_dtype), None, None, None, None, None, None, None, None
+        dx, da = bwd(g_xhat, x, V, T, tau, sg_id, alpha, ternary, detach_reset)
+        return dx, da if da.dtype == a_dtype else da.to(a_dtype), None, None, None, None, None, None, None, None
 
 
 def atmn_once(x: Tensor, a: Tensor, T: int, tau: float, surrogate, ternary: bool = True,
@@ -134,7 +144,7 @@ def atmn_once(x: Tensor, a: Tensor, T: int, tau: float, surrogate, ternary: bool
     sg_id = surrogate_kernel_id(surrogate)
     x_hat, spikes, counts = _OnceFn.apply(x, a, T, float(tau), bool(ternary), bool(write_spikes), bool(count),
                                           sg_id, float(getattr(surrogate, "alpha", 1.0)), bool(detach_reset))
-    return x_hat, (spikes if write_spikes else None), (counts if count else None)
+    return x_hat, (spikes if write_spikes else None), (counts if count else None)  # traced: empty tensors
 
 
 # ---------------------------------------------------------------------------------------------
@@ -142,7 +152,8 @@ def atmn_once(x: Tensor, a: Tensor, T: int, tau: float, surrogate, ternary: bool
 # ---------------------------------------------------------------------------------------------
 @torch.library.custom_op("neuro_mar::atmn_multi_fwd", mutates_args=())
 def _multi_fwd_op(x_seq: Tensor, V: Tensor, v0: Tensor | None, tau: float, ternary: bool) -> tuple[Tensor, Tensor, Tensor]:
-    return _kernels().multi_fwd(x_seq, V, tau, ternary, v0)
+    spikes, h_seq, v_last = _kernels().multi_fwd(x_seq, V, tau, ternary, v0)
+    return spikes, x_seq.new_empty(0, dtype=torch.float32) if h_seq is None else h_seq, v_last
 
 
 @_multi_fwd_op.register_fake
@@ -155,11 +166,12 @@ def _(x_seq, V, v0, tau, ternary):
 
 
 @torch.library.custom_op("neuro_mar::atmn_multi_bwd", mutates_args=())
-def _multi_bwd_op(grad_spikes: Tensor, grad_v_last: Tensor | None, h_seq: Tensor, x_seq: Tensor, v0: Tensor | None,
+def _multi_bwd_op(grad_spikes: Tensor, grad_v_last: Tensor | None, h_seq: Tensor | None, x_seq: Tensor, v0: Tensor | None,
                   V: Tensor, tau: float, sg_id: int, alpha: float, ternary: bool, detach_reset: bool,
                   out_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
-    return _kernels().multi_bwd(grad_spikes, grad_v_last, h_seq, x_seq, v0, V, tau, sg_id, alpha, ternary,
-                                detach_reset, out_dtype)
+    dx, dv0, da = _kernels().multi_bwd(grad_spikes, grad_v_last, h_seq, x_seq, v0, V, tau, sg_id, alpha, ternary,
+                                       detach_reset, out_dtype)
+    return dx, x_seq.new_empty(0, dtype=torch.float32) if dv0 is None else dv0, da
 
 
 @_multi_bwd_op.register_fake
@@ -194,11 +206,11 @@ class _MultiFn(torch.autograd.Function):
         if g_spikes is None:
             g_spikes = torch.zeros_like(x_seq)
         if g_v_last is not None:
-            g_v_last = g_v_last.float().contiguous()
+            g_v_last = g_v_last.float()
         bwd = _multi_bwd_op if _compiling() else _kernels().multi_bwd
-        dx, dv0, da = bwd(g_spikes.contiguous(), g_v_last, h_seq, x_seq, v0, V, tau, sg_id, alpha, ternary,
-                          detach_reset, x_dtype)
-        return dx, da.to(a_dtype), None if v0_dtype is None else dv0.to(v0_dtype), None, None, None, None, None
+        dx, dv0, da = bwd(g_spikes, g_v_last, h_seq, x_seq, v0, V, tau, sg_id, alpha, ternary, detach_reset, x_dtype)
+        return (dx, da if da.dtype == a_dtype else da.to(a_dtype), None if v0_dtype is None else dv0.to(v0_dtype),
+                None, None, None, None, None)
 
 
 def atmn_multistep(x_seq: Tensor, a: Tensor, tau: float, surrogate, ternary: bool = True,
