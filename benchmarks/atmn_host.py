@@ -79,16 +79,16 @@ def cases():
 
     x_hat, empty8 = torch.empty_like(xd), torch.empty(0, device="cuda", dtype=torch.int8)
     empty32 = torch.empty(0, device="cuda", dtype=torch.int32)
-    BR, BC, grid = atmn._geometry(ROWS, COLS)
+    BR, BC, grid, warps = atmn._geometry("once_fwd", ROWS, COLS)
     args = (xd, V, x_hat, empty8, empty32, ROWS, COLS, xd.numel(), TAU, 1 / TAU, T, True, False, False, BR, BC)
-    compiled = atmn._once_fwd_kernel[grid](*args, num_warps=8)
+    compiled = atmn._once_fwd_kernel[grid](*args, num_warps=warps)
     stream = torch.cuda.current_stream().cuda_stream
 
     def raw():
-        atmn._once_fwd_kernel[grid](*args, num_warps=8)
+        atmn._once_fwd_kernel[grid](*args, num_warps=warps)
 
     def cached():
-        atmn._launch_once_fwd(grid, *args, num_warps=8)
+        atmn._launch_once_fwd(grid, *args, num_warps=warps)
 
     def bare():
         compiled.run(grid[0], grid[1], 1, stream, compiled.function, compiled.packed_metadata, None, None, None, *args)

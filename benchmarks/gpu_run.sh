@@ -5,7 +5,7 @@
 # Usage: STAGES="tests atmn" bash benchmarks/gpu_run.sh
 # Stages: tests (kernel + SSM test files), gputests (their GPU-relevant subset), gpumark (only the
 # tests marked gpu: full sizes, quickest), atmntests (the ATMN kernel tests only), atmn, sbds
-# (benchmarks), atmnhost (host time of an eager ATMN call, piece by piece), atmnprofile (host vs
+# (benchmarks), atmntune (tile sweep of the raw ATMN kernels), atmnhost (host time of an eager ATMN call, piece by piece), atmnprofile (host vs
 # device time of one eager ATMN call), scaling (Stage-2 scaling over
 # NPROCS="1 2 4 8" processes; needs the teacher parts, see benchmarks/README.md).
 set -uo pipefail
@@ -20,6 +20,7 @@ for stage in $STAGES; do
     gputests) python3 -P -m pytest -q -p no:cacheprovider -rf tests/test_ssm_gpu.py tests/test_atmn_kernel.py tests/test_sbds_kernel.py -k "gpu or full_size or dtypes_and_shapes or multistep or without_triton or when_forced or sbds or reference or autocast" 2>&1 | tee "$OUT/gpu_tests.log" ;;
     atmntests) NEURO_MAR_FAST_LAUNCH=check python3 -P -m pytest -q -p no:cacheprovider -rf tests/test_atmn_kernel.py tests/test_launch.py 2>&1 | tee "$OUT/atmn_gpu_tests.log" ;;
     atmn) python3 -P benchmarks/atmn.py 2>&1 | tee "$OUT/atmn_bench.log" ;;
+    atmntune) python3 -P benchmarks/atmn_tune.py 2>&1 | tee "$OUT/atmn_tune.log" ;;
     atmnhost) python3 -P benchmarks/atmn_host.py 2>&1 | tee "$OUT/atmn_host.log" ;;
     atmnprofile) for f in once multi; do python3 -P benchmarks/atmn_profile.py --form $f; done 2>&1 | tee "$OUT/atmn_profile.log" ;;
     sbds) python3 -P benchmarks/sbds.py 2>&1 | tee "$OUT/sbds_bench.log" ;;

@@ -337,15 +337,17 @@ _launch_multi_fwd = CachedLaunch(_multi_fwd_kernel)
 _launch_multi_bwd = CachedLaunch(_multi_bwd_kernel)
 
 #: tile elements per program and warps; benchmarks/atmn_tune.py measures alternatives
-TILE = {"elems": 2048, "max_cols": 256, "num_warps": 8}  # best of the sweep on an H200 (2026-11-29)
+TILES = {k: {"elems": 2048, "max_cols": 256, "num_warps": 8}  # best of the sweep on an H200 (2026-11-29)
+         for k in ("once_fwd", "once_bwd", "multi_fwd", "multi_bwd")}
 
 
-def _geometry(R: int, C: int) -> tuple[int, int, tuple[int, int]]:
-    """Tile rows and channels and the grid for R rows of C channels (plain integer arithmetic:
-    triton.cdiv and next_power_of_2 cost microseconds of host time per call)."""
-    BC = min(TILE["max_cols"], 1 << (max(C, 1) - 1).bit_length())
-    BR = max(1, TILE["elems"] // BC)
-    return BR, BC, (-(-R // BR), -(-C // BC))
+def _geometry(kernel: str, R: int, C: int) -> tuple[int, int, tuple[int, int], int]:
+    """Tile rows and channels, the grid and the warps of ``kernel`` for R rows of C channels (plain
+    integer arithmetic: triton.cdiv and next_power_of_2 cost microseconds of host time per call)."""
+    tile = TILES[kernel]
+    BC = min(tile["max_cols"], 1 << (max(C, 1) - 1).bit_length())
+    BR = max(1, tile["elems"] // BC)
+    return BR, BC, (-(-R // BR), -(-C // BC)), tile["num_warps"]
 
 
 def _as_2d(x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
@@ -375,13 +377,13 @@ def once_fwd(x, V, T, tau, ternary=True, write_spikes=False, count=False):
     x, R, C = _as_2d(x)
     x_hat = torch.empty_like(x)
     spikes = torch.empty((T, *x.shape), device=x.device, dtype=torch.int8) if write_spikes else None
-    BR, BC, grid = _geometry(R, C)
+    BR, BC, grid, warps = _geometry("once_fwd", R, C)
     cnt = torch.empty((grid[0] * grid[1], 2), device=x.device, dtype=torch.int32) if count else None
     n = x.numel()
     if n:  # unwritten outputs get x_hat as a placeholder pointer (their stores are compiled out)
         _launch_once_fwd(grid, x, _channel_thresholds(V, C), x_hat, x_hat if spikes is None else spikes,
                          x_hat if cnt is None else cnt, R, C, n, float(tau), 1.0 / tau, T, ternary, write_spikes,
-                         count, BR, BC, num_warps=TILE["num_warps"])
+                         count, BR, BC, num_warps=warps)
     counts = None
     if count:
         counts = cnt.sum(0, dtype=torch.int64) if n else torch.zeros(2, dtype=torch.int64, device=x.device)
@@ -396,10 +398,10 @@ def once_bwd(grad, x, V, T, tau, sg_id, alpha, ternary=True, detach_reset=False)
     dx = torch.empty_like(x)
     if not x.numel():
         return dx, torch.zeros_like(V, dtype=torch.float32)
-    BR, BC, grid = _geometry(R, C)
+    BR, BC, grid, warps = _geometry("once_bwd", R, C)
     dap = torch.empty((grid[0], C), device=x.device, dtype=torch.float32)
     _launch_once_bwd(grid, x, _channel_thresholds(V, C), grad, dx, dap, R, C, float(tau), 1.0 / tau, float(alpha), T,
-                     sg_id, ternary, detach_reset, BR, BC, num_warps=TILE["num_warps"])
+                     sg_id, ternary, detach_reset, BR, BC, num_warps=warps)
     return dx, _da(dap, V)
 
 
@@ -418,11 +420,11 @@ def multi_fwd(x_seq, V, tau, ternary=True, v0=None):
     save_h = T > RECOMPUTE_MAX_T
     h_seq = torch.empty(x_seq.shape, device=x_seq.device, dtype=torch.float32) if save_h else None
     v_last = torch.empty(x_seq.shape[1:], device=x_seq.device, dtype=torch.float32)
-    BR, BC, grid = _geometry(R, C)
+    BR, BC, grid, warps = _geometry("multi_fwd", R, C)
     if x_seq.numel():
         _launch_multi_fwd(grid, x_seq, v0.contiguous() if v0 is not None else x_seq, _channel_thresholds(V, C), spikes,
                           h_seq if save_h else spikes, v_last, R, C, R * C, 1.0 / tau, T, ternary, v0 is not None,
-                          save_h, BR, BC, num_warps=TILE["num_warps"])
+                          save_h, BR, BC, num_warps=warps)
     return spikes, h_seq, v_last
 
 
@@ -437,11 +439,11 @@ def multi_bwd(grad_spikes, grad_v_last, h_seq, x_seq, v0, V, tau, sg_id, alpha, 
     dv0 = torch.empty(x_seq.shape[1:], device=x_seq.device, dtype=torch.float32) if v0 is not None else None
     if not x_seq.numel():
         return dx, dv0, torch.zeros_like(V, dtype=torch.float32)
-    BR, BC, grid = _geometry(R, C)
+    BR, BC, grid, warps = _geometry("multi_bwd", R, C)
     dap = torch.empty((grid[0], C), device=x_seq.device, dtype=torch.float32)
     _launch_multi_bwd(grid, grad_spikes.contiguous(), grad_v_last.contiguous() if grad_v_last is not None else x_seq,
                       x_seq if recompute else h_seq, x_seq, v0.contiguous() if v0 is not None else x_seq,
                       _channel_thresholds(V, C), dx, dv0 if v0 is not None else dx, dap, R, C, R * C, 1.0 / tau,
                       float(alpha), T, sg_id, ternary, detach_reset, grad_v_last is not None, v0 is not None,
-                      recompute, BR, BC, num_warps=TILE["num_warps"])
+                      recompute, BR, BC, num_warps=warps)
     return dx, dv0, _da(dap, V)
