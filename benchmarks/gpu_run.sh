@@ -6,12 +6,12 @@
 # Stages: tests (kernel + SSM test files), gputests (their GPU-relevant subset), gpumark (only the
 # tests marked gpu: full sizes, quickest), atmntests (the ATMN kernel tests only), atmn, sbds
 # (benchmarks), atmntune (tile sweep of the raw ATMN kernels), atmnhost (host time of an eager ATMN call, piece by piece), atmnprofile (host vs
-# device time of one eager ATMN call), scaling (Stage-2 scaling over
+# device time of one eager ATMN call), scaling / scalingfsdp (Stage-2 DDP / FSDP2 scaling over
 # NPROCS="1 2 4 8" processes; needs the teacher parts, see benchmarks/README.md).
 set -uo pipefail
 OUT=${OUT:-benchmarks/results}
 STAGES=${STAGES:-"tests atmn"}
-case " $STAGES " in *" scaling "*) NEED_TEACHER=1 ;; *) NEED_TEACHER=0 ;; esac
+case " $STAGES " in *" scaling "* | *" scalingfsdp "*) NEED_TEACHER=1 ;; *) NEED_TEACHER=0 ;; esac
 NEED_TEACHER=$NEED_TEACHER source benchmarks/device_env.sh || exit 1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu_info.txt"
 for stage in $STAGES; do
@@ -26,6 +26,7 @@ for stage in $STAGES; do
     sbds) python3 -P benchmarks/sbds.py 2>&1 | tee "$OUT/sbds_bench.log" ;;
     gpumark) python3 -P -m pytest -q -p no:cacheprovider -rf -m gpu tests 2>&1 | tee "$OUT/gpu_tests.log" ;;
     scaling) python3 -P benchmarks/scaling.py --nprocs ${NPROCS:-1 2} 2>&1 | tee "$OUT/scaling.log" ;;
+    scalingfsdp) python3 -P benchmarks/scaling.py --fsdp --nprocs ${NPROCS:-1 2} 2>&1 | tee "$OUT/scaling_fsdp.log" ;;
     *) echo "unknown stage $stage" ;;
   esac
 done

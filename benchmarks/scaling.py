@@ -4,7 +4,8 @@ at a fixed global batch, through the project's Trainer (DDP by default, ``--fsdp
 
 For each N it records tokens/s (global), peak memory per rank, and the per-step loss, and checks
 the loss trajectory against N = 1's (same global batch, so it must agree up to reduction order).
-Prints a table and a final JSON line; writes ``scaling.json`` under $OUT or benchmarks/results/.
+Prints a table and a final JSON line; writes ``scaling.json`` (``scaling_fsdp.json`` with --fsdp) under
+$OUT or benchmarks/results/.
 
     python benchmarks/scaling.py --nprocs 1 2 4            # GPUs (NCCL), default teacher
     python benchmarks/scaling.py --nprocs 1 2 --teacher DIR --seq-len 32 --global-batch 4   # CPU (gloo)
@@ -133,7 +134,7 @@ def main(argv=None) -> int:
     print(f"Stage-2 scaling, {'FSDP2' if args.fsdp else 'DDP'}, global batch {args.global_batch} x {args.seq_len} tokens, "
           f"{args.steps} steps ({args.warmup_steps} untimed), neuron {args.neuron}")
     print_table(rows, list(rows[0]))
-    write_results("scaling", {"benchmark": "scaling", "env": environment(),
+    write_results("scaling_fsdp" if args.fsdp else "scaling", {"benchmark": "scaling", "env": environment(),
                               "config": {k: v for k, v in vars(args).items() if k != "worker"}, "runs": runs})
     return 0
 

@@ -337,8 +337,12 @@ _launch_multi_fwd = CachedLaunch(_multi_fwd_kernel)
 _launch_multi_bwd = CachedLaunch(_multi_bwd_kernel)
 
 #: tile elements per program and warps; benchmarks/atmn_tune.py measures alternatives
-TILES = {k: {"elems": 2048, "max_cols": 256, "num_warps": 8}  # best of the sweep on an H200 (2026-11-29)
-         for k in ("once_fwd", "once_bwd", "multi_fwd", "multi_bwd")}
+TILES = {  # each kernel's best of benchmarks/atmn_tune.py on an H200 (T=4, [32768 x 1024] fp32, 2026-11-29)
+    "once_fwd": {"elems": 2048, "max_cols": 1024, "num_warps": 8},
+    "once_bwd": {"elems": 1024, "max_cols": 128, "num_warps": 4},
+    "multi_fwd": {"elems": 1024, "max_cols": 1024, "num_warps": 4},
+    "multi_bwd": {"elems": 2048, "max_cols": 1024, "num_warps": 8},
+}
 
 
 def _geometry(kernel: str, R: int, C: int) -> tuple[int, int, tuple[int, int], int]:
@@ -346,6 +350,8 @@ def _geometry(kernel: str, R: int, C: int) -> tuple[int, int, tuple[int, int], i
     integer arithmetic: triton.cdiv and next_power_of_2 cost microseconds of host time per call)."""
     tile = TILES[kernel]
     BC = min(tile["max_cols"], 1 << (max(C, 1) - 1).bit_length())
+    while BC > 32 and (-(-C // BC) * BC - C) * 8 > C:  # at most 1/8 of a row's lanes masked off (C = 576: 128)
+        BC //= 2
     BR = max(1, tile["elems"] // BC)
     return BR, BC, (-(-R // BR), -(-C // BC)), tile["num_warps"]
 

@@ -336,3 +336,18 @@ def test_multistep_full_size_on_gpu(T):
     scale = x1.grad.abs().max().item()
     torch.testing.assert_close(x2.grad, x1.grad, rtol=1e-5, atol=1e-6 * scale)
     torch.testing.assert_close(a2.grad, a1.grad, rtol=1e-3, atol=1e-5 * a1.grad.abs().max().item())
+
+
+def test_tile_geometry_covers_every_channel_with_little_padding():
+    """Each kernel's tile: power-of-two channels within its max_cols, at most 1/8 of a row's lanes
+    masked off unless the tile is already down to 32 channels; the grid covers every row and channel."""
+    from neuro_mar.kernels import atmn
+
+    for kernel, tile in atmn.TILES.items():
+        for C in [1, 3, 31, 45, 96, 300, 576, 1000, 1024, 1536, 2049, 49152]:
+            for R in [1, 7, 4096]:
+                BR, BC, grid, warps = atmn._geometry(kernel, R, C)
+                assert BC & (BC - 1) == 0 and BR & (BR - 1) == 0 and BC <= max(tile["max_cols"], 1)
+                assert grid[0] * BR >= R > (grid[0] - 1) * BR and grid[1] * BC >= C > (grid[1] - 1) * BC
+                assert (grid[1] * BC - C) * 8 <= C or BC <= 32 or BC == 1 << (C - 1).bit_length()
+                assert warps == tile["num_warps"] and BR * BC <= max(tile["elems"], BC)

@@ -128,7 +128,7 @@ def test_cached_launch_calls_installed_hooks_on_gpu():
     import triton
 
     seen = []
-    hook = lambda metadata: seen.append(metadata["name"])  # noqa: E731
+    hook = lambda metadata: seen.append(metadata.get()["name"])  # noqa: E731
     sg = resolve_surrogate("sigmoid")
     x = torch.randn(64, 128, device="cuda")
     a = torch.zeros(128, device="cuda")
