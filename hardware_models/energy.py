@@ -14,6 +14,7 @@ from pathlib import Path
 
 from ..io_utils import atomic_savefig, atomic_write_text
 from .counting import Row, llama_rows, measure_site_activity, site_fanout, student_rows, totals
+from .partition import partition_site
 from .targets import DEFAULT_TARGETS, PJ, CostTable, get_target
 
 #: energy components of a report, in plot order, with fixed plot colours
@@ -59,11 +60,10 @@ def rows_energy(rows: list[Row], table: CostTable) -> float:
 def map_model(cfg, table: CostTable, model_weight_bits: int = 16) -> dict:
     """Cores and chips a MAR model's spiking projections need on ``table``'s chip.
 
-    Each projection's output neurons and its synapses (d_in x d_out) are partitioned into cores
-    under the neurons-per-core, fan-in-per-core and synapse-memory limits, and each site's own
-    spiking neurons (d_in of them) take cores of their own (as in ``neuro_mar.simulate``). Returns per-projection
-    and total core counts, chips, whether the model fits one chip, and whether its weights must be
-    quantised to the chip's precision.
+    Each projection and its site's spiking neurons are cut into cores by
+    :func:`hardware_models.partition.partition_site`, the rule the event-driven simulator places
+    by (so both count the same cores). Returns per-projection and total core counts, chips, whether
+    the model fits one chip, and whether its weights must be quantised to the chip's precision.
     """
     if table.kind != "neuromorphic":
         return {"target": table.name, "applicable": False}
@@ -72,12 +72,7 @@ def map_model(cfg, table: CostTable, model_weight_bits: int = 16) -> dict:
     per_proj = {}
     total = 0
     for kind, (din, dout) in fan.items():
-        by_neurons = math.ceil(dout / table.neurons_per_core) if table.neurons_per_core else 1
-        by_fanin = math.ceil(din / table.fanin_per_core) if table.fanin_per_core else 1
-        cores = by_neurons * by_fanin
-        if table.synapse_bits_per_core:
-            cores = max(cores, math.ceil(din * dout * wbits / table.synapse_bits_per_core))
-        cores += math.ceil(din / table.neurons_per_core) if table.neurons_per_core else 0  # the site's neurons
+        cores = partition_site(din, dout, table, wbits).cores
         per_proj[kind] = {"neurons": dout, "fan_in": din, "synapses": din * dout, "cores": cores}
         total += cores
     total *= cfg.num_hidden_layers

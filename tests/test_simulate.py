@@ -99,3 +99,28 @@ def test_converted_smollm2_executor_equals_model(neuron):
     fan = site_fanout(m.config)
     analytic = sum((v["positive"] + v["negative"]) * fan[k[1]][1] for k, v in act.items() if isinstance(k, tuple))
     assert ex.counters.synaptic_events.sum() == round(analytic * ids.shape[1])
+
+
+@pytest.mark.parametrize("target", ["loihi", "truenorth", "spinnaker2", "odin", "synapse-memory-bound"])
+def test_energy_report_and_simulator_count_the_same_cores(target):
+    """One partition rule: map_model's cores (energy report, chips, static energy) equal the cores the
+    simulator places, also where synapse memory, not the neuron count, bounds a core (where the
+    old analytic count, d_in * d_out * bits / memory, was below what rectangles can realise)."""
+    from neuro_mar.hardware_models import get_target, map_model
+
+    m, _ = _spiking()
+    if target == "synapse-memory-bound":
+        table = CostTable("toy", "neuromorphic", "test", "test", e_ac=1, e_mac=1, e_mul=1, e_add=1,
+                          e_neuron_update=1, neurons_per_core=48, fanin_per_core=40, synapse_bits_per_core=40 * 8 * 7,
+                          weight_bits=8, cores_per_chip=1000, dense_fallback="45nm-fp32")
+    else:
+        table = get_target(target)
+    placed = map_onto_cores(m, table, quantize=True)
+    counted = map_model(m.config, table)
+    assert counted["cores"] == len(placed.cores)
+    assert counted["chips"] == placed.chips
+    if target == "synapse-memory-bound":  # by hand: mixer.in is 32 -> 100; one input group of 32 axons,
+        # output groups of 2240 // (32 * 8) = 8 neurons -> 13 synapse cores, plus 1 neuron core
+        # (the memory lower bound is ceil(32 * 100 * 8 / 2240) = 12 synapse cores)
+        assert site_fanout(m.config)["mixer.in"] == (32, 100)
+        assert counted["per_layer"]["mixer.in"]["cores"] == 14

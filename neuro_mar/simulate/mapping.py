@@ -1,13 +1,10 @@
 """Placing a spiking MAR model's neurons and synapses on the cores of a neuromorphic target.
 
-Every spiking projection (the layer behind a spike site; ``mlp.in`` feeds gate and up together)
-is cut into synapse cores: a core holds an input group (its axons, at most ``fanin_per_core``) times
-an output group (its neurons, at most ``neurons_per_core``), with the output group shrunk until the
-core's synapses fit ``synapse_bits_per_core`` at the target's weight precision. The site's own
-spiking neurons (the ATMN units that fire into the projection) sit on neuron cores of at most
-``neurons_per_core`` channels. Cores are numbered in layer order and laid out row-major on one
-square 2-D mesh (``mesh_width`` = ceil(sqrt(cores))); chips are consecutive runs of
-``cores_per_chip`` cores.
+Each spiking projection and its site's neurons are cut into cores by
+:func:`hardware_models.partition.partition_site` (the rule the energy report counts by): synapse
+cores of an input group times an output group, neuron cores for the site's spiking units. Cores are
+numbered in layer order and laid out row-major on one square 2-D mesh (``mesh_width`` =
+ceil(sqrt(cores))); chips are consecutive runs of ``cores_per_chip`` cores.
 """
 from __future__ import annotations
 
@@ -15,6 +12,7 @@ import math
 from dataclasses import dataclass, field
 
 from ..hardware_models.counting import site_fanout
+from ..hardware_models.partition import partition_site
 from ..hardware_models.targets import CostTable
 
 
@@ -64,11 +62,6 @@ class Mapping:
         return [c for c in self.cores if c.kind == "neuron" and c.layer == layer and c.site == site]
 
 
-def _groups(n: int, size: int | None) -> list[tuple[int, int]]:
-    size = n if not size else size
-    return [(lo, min(n, lo + size)) for lo in range(0, n, size)]
-
-
 def map_onto_cores(model, table: CostTable, max_chips: int | None = None, model_weight_bits: int = 16,
                    quantize: bool = False) -> Mapping:
     """Partition the spiking sites of ``model`` onto ``table``'s cores. Raises :class:`MappingError`
@@ -88,16 +81,11 @@ def map_onto_cores(model, table: CostTable, max_chips: int | None = None, model_
     for layer, kind, _, site in model.spike_sites():
         if site.is_dense:
             continue
-        din, dout = fan[kind]
-        for lo, hi in _groups(din, table.neurons_per_core):
+        part = partition_site(*fan[kind], table, wbits)
+        for lo, hi in part.neuron_groups:
             cores.append(Core(len(cores), "neuron", layer, kind, lo, hi))
-        in_groups = _groups(din, table.fanin_per_core)
-        out_size = table.neurons_per_core or dout
-        if table.synapse_bits_per_core:
-            widest = max(h - l for l, h in in_groups)
-            out_size = max(1, min(out_size, table.synapse_bits_per_core // (widest * wbits)))
-        for ilo, ihi in in_groups:
-            for olo, ohi in _groups(dout, out_size):
+        for ilo, ihi in part.in_groups:
+            for olo, ohi in part.out_groups:
                 cores.append(Core(len(cores), "synapse", layer, kind, ilo, ihi, olo, ohi))
         if layer == 0:
             per_layer = len(cores)
