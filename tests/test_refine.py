@@ -247,10 +247,14 @@ def test_end_to_end_tiny_run_and_resume(tmp_path, teacher_dir, data_file):
     with pytest.raises(SystemExit, match="not empty"):
         main(["refine", "--out", str(out), "--preset", "tiny", "--teacher", str(teacher_dir), "--data", str(data_file)])
     first_times = rep["stage_seconds"]
+    assert rep["wall_seconds"] > sum(first_times.values())
     assert main(["refine", "--out", str(out), "--preset", "tiny", "--teacher", str(teacher_dir), "--data",
                  str(data_file), "--gamma", "0.1", "--resume"]) == 0
-    # a resumed run that had nothing left to train reports the stage times of the run that trained them
-    assert json.loads((out / "report.json").read_text())["stage_seconds"] == first_times
+    # a resumed run that had nothing left to train reports the stage times of the run that trained them,
+    # and its wall time adds this invocation's to the first one's
+    rep2 = json.loads((out / "report.json").read_text())
+    assert rep2["stage_seconds"] == first_times
+    assert rep2["wall_seconds"] > rep["wall_seconds"]
     # eval and generate on the result
     assert main(["eval", str(out / "student"), "--data", str(data_file), "--teacher", str(teacher_dir),
                  "--seq-len", "32", "--max-tokens", "400"]) == 0

@@ -318,6 +318,12 @@ def run_refine(cfg: RefineConfig, out: str | Path, resume: bool = False, progres
     recorded = json.loads(times_file.read_text()) if resume and times_file.is_file() else {}
     timings = {k: v["seconds"] for k, v in recorded.items()}
     tokens = {k: v["tokens"] for k, v in recorded.items()}
+    wall_file = out / "wall_time.json"  # earlier invocations' wall time, up to their last completed stage
+    wall_before = json.loads(wall_file.read_text())["seconds"] if resume and wall_file.is_file() else 0.0
+
+    def wall() -> float:
+        """Wall seconds of the whole run: earlier invocations (to their last completed stage) + this one."""
+        return wall_before + time.time() - t_start
 
     def stage(name, model, teacher_model, fn, steps, lr, seconds=0.0):
         """Train ``model`` for one sub-stage; returns it (an unsharded copy after FSDP)."""
@@ -338,6 +344,7 @@ def run_refine(cfg: RefineConfig, out: str | Path, resume: bool = False, progres
             if rank == 0:
                 atomic_write_text(times_file, json.dumps({k: {"seconds": timings[k], "tokens": tokens[k]}
                                                           for k in timings}, indent=2))
+                atomic_write_text(wall_file, json.dumps({"seconds": wall()}))
         return trainer.result().student
 
     stage1_dir = out / "stage1"
@@ -379,7 +386,8 @@ def run_refine(cfg: RefineConfig, out: str | Path, resume: bool = False, progres
     if rank == 0:
         _save_model(spiking, tok, out / "student")
         report = build_report(cfg, out, teacher, stage1, before, spiking, tok, held, timings, tokens,
-                              time.time() - t_start, ablations=ablations, throughput=throughput)
+                              wall(), ablations=ablations, throughput=throughput)
+        atomic_write_text(wall_file, json.dumps({"seconds": report["wall_seconds"]}))
     if distributed:
         shutdown_distributed()
     return report
