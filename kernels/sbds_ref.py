@@ -14,13 +14,16 @@ import torch
 import torch.nn.functional as F
 
 
+def kl(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
+    """Per-position KL(a || b) in nats from log-probabilities [..., V]."""
+    return (log_a.exp() * (log_a - log_b)).sum(-1)
+
+
 def kl_terms(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0):
     """Per-position (forward KL(p||q), reverse KL(q||p)) for logits [..., V]."""
     log_q = F.log_softmax(student_logits.float() / temperature, dim=-1)
     log_p = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
-    fkl = (log_p.exp() * (log_p - log_q)).sum(-1)
-    rkl = (log_q.exp() * (log_q - log_p)).sum(-1)
-    return fkl, rkl
+    return kl(log_p, log_q), kl(log_q, log_p)
 
 
 def sbds_logit_loss(student_logits, teacher_logits, alpha: float = 0.2, beta: float = 0.7,

@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..kernels.sbds_ref import kl as forward_kl  # KL(teacher || student) per position
+
 
 @torch.no_grad()
 def perplexity(model, rows: torch.Tensor, batch: int = 8) -> float:
@@ -44,11 +46,10 @@ def agreement(student, teacher, rows: torch.Tensor, batch: int = 8) -> dict:
         ids = rows[i:i + batch]
         s = student(input_ids=ids.to(student.device)).logits.float()
         t = teacher(input_ids=ids.to(teacher.device)).logits.float().to(s.device)
-        log_q, log_p = F.log_softmax(s, -1), F.log_softmax(t, -1)
-        kl += (log_p.exp() * (log_p - log_q)).sum(-1).sum().item()
+        kl += forward_kl(F.log_softmax(t, -1), F.log_softmax(s, -1)).sum().item()
         agree += (s.argmax(-1) == t.argmax(-1)).sum().item()
         n += ids.numel()
-        del s, t, log_q, log_p
+        del s, t
     return {"kl_to_teacher": kl / n, "top1_agreement": agree / n}
 
 
