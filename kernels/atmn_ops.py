@@ -10,23 +10,21 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import os
 
 import torch
 from torch import Tensor
 
+from neuro_mar.knobs import choice, env_choice
 from .atmn_constants import SURROGATE_IDS
 
 BACKENDS = ("auto", "torch", "triton")
-_backend = os.environ.get("NEURO_MAR_KERNELS", "auto")
+_backend = env_choice("NEURO_MAR_KERNELS", BACKENDS, "auto")
 
 
 def set_backend(name: str) -> None:
     """Choose how ATMN runs: ``auto`` (Triton on CUDA), ``torch`` (reference) or ``triton`` (forced)."""
     global _backend
-    if name not in BACKENDS:
-        raise ValueError(f"unknown kernel backend {name!r}; choose one of {BACKENDS}")
-    _backend = name
+    _backend = choice("kernel backend", name, BACKENDS)
 
 
 def get_backend() -> str:

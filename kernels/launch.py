@@ -27,16 +27,16 @@ import os
 import torch
 import triton
 
+from neuro_mar.knobs import choice, env_choice
+
 _MODES = ("1", "0", "check")
-_mode = os.environ.get("NEURO_MAR_FAST_LAUNCH", "1")
+_mode = env_choice("NEURO_MAR_FAST_LAUNCH", _MODES, "1")
 
 
 def set_fast_launch(mode: str) -> None:
     """``"1"`` (cached launches), ``"0"`` (always Triton's path) or ``"check"`` (cached, verified)."""
     global _mode
-    if mode not in _MODES:
-        raise ValueError(f"unknown fast-launch mode {mode!r}; choose one of {_MODES}")
-    _mode = mode
+    _mode = choice("fast-launch mode", mode, _MODES)
 
 
 def get_fast_launch() -> str:

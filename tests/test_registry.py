@@ -1,4 +1,8 @@
 """Every registry entry inside a SpikeSite, the site's counters and recorders, swapping."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -152,3 +156,18 @@ def test_cli_neurons_table(capsys):
     out = capsys.readouterr().out
     for name in available():
         assert name in out
+
+
+@pytest.mark.parametrize("var, module", [("NEURO_MAR_SSM_BACKEND", "neuro_mar.ssm"),
+                                         ("NEURO_MAR_KERNELS", "neuro_mar.kernels"),
+                                         ("NEURO_MAR_FAST_LAUNCH", "neuro_mar.kernels.launch")])
+def test_a_mistyped_knob_in_the_environment_stops_with_the_choices(var, module):
+    """A misspelt value used to mean the default silently; now the import says which variable,
+    which value and what it accepts."""
+    if module.endswith("launch"):
+        pytest.importorskip("triton")
+    env = {**os.environ, var: "fastest"}
+    out = subprocess.run([sys.executable, "-P", "-c", f"import {module}"], capture_output=True, text=True,
+                         env=env, timeout=300)
+    assert out.returncode != 0
+    assert f"unknown {var} 'fastest' (from the environment); choose one of" in out.stderr

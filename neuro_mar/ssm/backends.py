@@ -13,16 +13,16 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import os
 import sys
 import types
 
 import torch
 
+from ..knobs import choice, env_choice
 from .scan import ssd_chunked, ssd_naive
 
 BACKENDS = ("auto", "chunked", "naive", "mamba_ssm")
-_default = os.environ.get("NEURO_MAR_SSM_BACKEND", "auto")
+_default = env_choice("NEURO_MAR_SSM_BACKEND", BACKENDS, "auto")
 _mamba_fn = None
 _mamba_error: str | None = None
 
@@ -36,9 +36,7 @@ MAMBA_INSTALL_HINT = (
 def set_default_backend(name: str) -> None:
     """Set the process-wide default scan backend (one of BACKENDS)."""
     global _default
-    if name not in BACKENDS:
-        raise ValueError(f"unknown SSM backend {name!r}; choose one of {BACKENDS}")
-    _default = name
+    _default = choice("SSM backend", name, BACKENDS)
 
 
 def default_backend() -> str:
