@@ -20,30 +20,16 @@ import io
 import os
 import pstats
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import environment, print_table, write_results  # noqa: E402
+from common import environment, host_time, print_table, write_results  # noqa: E402
 
 from neuro_mar.kernels import atmn_ops, atmn_ref, launch  # noqa: E402
 from neuro_mar.neurons import resolve_surrogate  # noqa: E402
 
 T, TAU, ROWS, COLS = 4, 0.5, 64, 1024
-
-
-def host_us(fn, calls: int) -> float:
-    """Microseconds of CPU time per fn() call, the device drained before and after."""
-    for _ in range(20):
-        fn()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    us = (time.perf_counter() - t0) / calls * 1e6
-    torch.cuda.synchronize()
-    return us
 
 
 class _Nothing(torch.autograd.Function):
@@ -140,12 +126,12 @@ def main(argv=None) -> int:
     rows, res = [], {}
     items, once = cases()
     for name, mode, fn in items:
-        launch.set_fast_launch(mode if mode != "-" else "1")
-        us = host_us(fn, args.calls)
+        launch.fast_launch.set(mode if mode != "-" else "1")
+        us = host_time(fn, args.calls, warmup=20) * 1e3
         label = name + {"1": " [cached launch]", "0": " [Triton launch]", "-": ""}[mode]
         res[label] = round(us, 2)
         rows.append({"what": label, "host us/call": f"{us:.1f}"})
-    launch.set_fast_launch("1")
+    launch.fast_launch.set("1")
     print(f"T={T}, x [{ROWS} x {COLS}] fp32 (small: the host bounds every call)")
     print_table(rows, ["what", "host us/call"])
     prof = cProfile.Profile()

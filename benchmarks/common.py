@@ -31,10 +31,11 @@ def bench(fn, warmup: int = 3, rep: int = 5, inner: int = 10) -> float:
     return statistics.median(times)
 
 
-def host_time(fn, calls: int = 10) -> float:
+def host_time(fn, calls: int = 10, warmup: int = 1) -> float:
     """Milliseconds of CPU time to enqueue one fn() call (the device may still be busy after):
     when it exceeds the device time, the host bounds eager training."""
-    fn()
+    for _ in range(warmup):
+        fn()
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     for _ in range(calls):

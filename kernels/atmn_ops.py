@@ -14,21 +14,20 @@ import importlib.util
 import torch
 from torch import Tensor
 
-from neuro_mar.knobs import choice, env_choice
+from neuro_mar.knobs import Knob
 from .atmn_constants import SURROGATE_IDS
 
 BACKENDS = ("auto", "torch", "triton")
-_backend = env_choice("NEURO_MAR_KERNELS", BACKENDS, "auto")
+_backend = Knob("kernel backend", "NEURO_MAR_KERNELS", BACKENDS, "auto")
 
 
 def set_backend(name: str) -> None:
     """Choose how ATMN runs: ``auto`` (Triton on CUDA), ``torch`` (reference) or ``triton`` (forced)."""
-    global _backend
-    _backend = choice("kernel backend", name, BACKENDS)
+    _backend.set(name)
 
 
 def get_backend() -> str:
-    return _backend
+    return _backend.value
 
 
 @functools.lru_cache(maxsize=1)
@@ -67,10 +66,10 @@ def surrogate_kernel_id(surrogate) -> int | None:
 
 def use_kernel(x: Tensor, surrogate) -> bool:
     """Whether the Triton path runs for input x under the current backend knob."""
-    if _backend == "torch":
+    if _backend.value == "torch":
         return False
     sg = surrogate_kernel_id(surrogate)
-    if _backend == "triton":
+    if _backend.value == "triton":
         if sg is None:
             raise ValueError(f"NEURO_MAR_KERNELS=triton, but surrogate {type(surrogate).__name__} has no kernel; "
                              "kernels cover Sigmoid, ATan, Rect (straight_through), PiecewiseQuadratic and Erf in spiking mode")

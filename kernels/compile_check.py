@@ -125,12 +125,12 @@ def main(argv=None) -> int:
         raise SystemExit("compile_check: unset TRITON_INTERPRET (the interpreter never compiles)")
     from triton.runtime.jit import JITFunction
 
-    from .launch import get_fast_launch, set_fast_launch
+    from .launch import fast_launch
 
     compiler = _Compiler(args.arch)
-    real_run, fast = JITFunction.run, get_fast_launch()
+    real_run, fast = JITFunction.run, fast_launch.value
     JITFunction.run = lambda fn, *a, **k: compiler(fn, *a, **k)
-    set_fast_launch("0")  # every launch through JITFunction.run (cached launches ask the CUDA driver)
+    fast_launch.set("0")  # every launch through JITFunction.run (cached launches ask the CUDA driver)
     failures = []
     try:
         for name, thunk in _variants():
@@ -140,7 +140,7 @@ def main(argv=None) -> int:
                 failures.append(f"{name}: {type(err).__name__}: {str(err)[:2000]}")
     finally:
         JITFunction.run = real_run
-        set_fast_launch(fast)
+        fast_launch.set(fast)
     if args.list:
         for kernel, constexprs, sec in compiler.done:
             print(f"{kernel:20s} {sec:5.1f} s  {constexprs}")

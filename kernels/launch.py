@@ -15,7 +15,7 @@ the launch options and current device. A miss takes Triton's own path, which com
 and returns the compiled kernel to keep.
 
 Launch hooks (profilers such as proton) see these launches as they see Triton's. Triton's own path
-is taken when ``NEURO_MAR_FAST_LAUNCH=0`` (or :func:`set_fast_launch`) and under
+is taken when ``NEURO_MAR_FAST_LAUNCH=0`` (or ``fast_launch.set("0")``) and under
 ``TRITON_INTERPRET=1``. With ``NEURO_MAR_FAST_LAUNCH=check`` every hit is compared with the kernel Triton's own
 path picks (the GPU tests run that way, so a Triton release that specializes on more than this key
 holds is caught rather than silently launching the wrong specialization).
@@ -27,20 +27,10 @@ import os
 import torch
 import triton
 
-from neuro_mar.knobs import choice, env_choice
+from neuro_mar.knobs import Knob
 
-_MODES = ("1", "0", "check")
-_mode = env_choice("NEURO_MAR_FAST_LAUNCH", _MODES, "1")
-
-
-def set_fast_launch(mode: str) -> None:
-    """``"1"`` (cached launches), ``"0"`` (always Triton's path) or ``"check"`` (cached, verified)."""
-    global _mode
-    _mode = choice("fast-launch mode", mode, _MODES)
-
-
-def get_fast_launch() -> str:
-    return _mode
+#: ``"1"`` (cached launches), ``"0"`` (always Triton's path) or ``"check"`` (cached, verified)
+fast_launch = Knob("fast-launch mode", "NEURO_MAR_FAST_LAUNCH", ("1", "0", "check"), "1")
 
 
 def _interpreting() -> bool:
@@ -117,7 +107,7 @@ class CachedLaunch:
                 tuple([_int_key(args[i]) for i in ints]), tuple([type(args[i]) for i in others]))
 
     def __call__(self, grid, *args, num_warps: int):
-        if _mode == "0" or _interpreting():
+        if fast_launch.value == "0" or _interpreting():
             return self.fn[grid](*args, num_warps=num_warps)
         key = self._key(args, num_warps)
         if key is None:
@@ -130,7 +120,7 @@ class CachedLaunch:
                 kernel = kernel.result()
             self._compiled[key] = kernel
             return kernel
-        if _mode == "check":
+        if fast_launch.value == "check":
             picked = self.fn.warmup(*args, grid=grid, num_warps=num_warps)
             if getattr(picked, "hash", None) != getattr(kernel, "hash", None):
                 raise AssertionError(f"{self.fn.__name__}: cached launch picked {kernel.hash}, Triton picks "

@@ -17,3 +17,15 @@ def choice(name: str, value: str, choices: tuple[str, ...], source: str = "") ->
 def env_choice(var: str, choices: tuple[str, ...], default: str) -> str:
     """The environment variable ``var`` checked against ``choices`` (``default`` when unset or empty)."""
     return choice(var, os.environ.get(var) or default, choices, source="the environment")
+
+
+class Knob:
+    """One process-wide choice: ``value`` starts from ``env_var`` (checked; ``default`` when unset)
+    and changes only through :meth:`set`, which checks it the same way."""
+
+    def __init__(self, what: str, env_var: str, choices: tuple[str, ...], default: str):
+        self.what, self.choices = what, choices
+        self.value = env_choice(env_var, choices, default)
+
+    def set(self, value: str) -> None:
+        self.value = choice(self.what, value, self.choices)

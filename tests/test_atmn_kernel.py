@@ -215,7 +215,7 @@ def test_neuron_and_site_use_kernel_when_forced(monkeypatch):
     n = ATMN(channels=40).to(DEV)
     site = SpikeSite(n)
     x = (torch.randn(6, 40) * 2).to(DEV)
-    monkeypatch.setattr(atmn_ops, "_backend", "torch")
+    monkeypatch.setattr(atmn_ops._backend, "value", "torch")
     y_ref = site(x)
     ref_stats = site.stats()
     site.reset_counters()
@@ -223,7 +223,7 @@ def test_neuron_and_site_use_kernel_when_forced(monkeypatch):
     n.step_mode = "m"
     s_ref = n(seq)
     n.reset()
-    monkeypatch.setattr(atmn_ops, "_backend", "triton")
+    monkeypatch.setattr(atmn_ops._backend, "value", "triton")
     n.step_mode = "s"
     torch.testing.assert_close(site(x), y_ref)
     assert site.stats() == ref_stats
@@ -232,7 +232,7 @@ def test_neuron_and_site_use_kernel_when_forced(monkeypatch):
 
 
 def test_backend_knob_errors(monkeypatch):
-    monkeypatch.setattr(atmn_ops, "_backend", "triton")
+    monkeypatch.setattr(atmn_ops._backend, "value", "triton")
     with pytest.raises(ValueError, match="no kernel"):
         atmn_ops.use_kernel(torch.zeros(2), resolve_surrogate("soft_sign"))
     with pytest.raises(ValueError, match="backend"):
@@ -279,7 +279,7 @@ def test_cpu_path_never_touches_the_kernels(monkeypatch):
     def boom():
         raise AssertionError("the Triton kernels were called on the CPU path")
 
-    monkeypatch.setattr(atmn_ops, "_backend", "auto")
+    monkeypatch.setattr(atmn_ops._backend, "value", "auto")
     monkeypatch.setattr(atmn_ops, "_kernels", boom)
     site = SpikeSite(ATMN(channels=8))
     x = torch.randn(3, 8, requires_grad=True)

@@ -62,8 +62,8 @@ def test_hooks_count_as_idle_only_when_empty():
 
 def test_fast_launch_knob_rejects_unknown_modes():
     with pytest.raises(ValueError, match="choose one of"):
-        launch.set_fast_launch("yes")
-    assert launch.get_fast_launch() in ("1", "0", "check")
+        launch.fast_launch.set("yes")
+    assert launch.fast_launch.value in ("1", "0", "check")
 
 
 def test_interpreter_takes_tritons_path():
@@ -97,7 +97,7 @@ def test_cached_launch_matches_tritons_path_on_gpu(mode):
     from neuro_mar.kernels import atmn
 
     sg = resolve_surrogate("sigmoid")
-    launch.set_fast_launch(mode)
+    launch.fast_launch.set(mode)
     try:
         buf = torch.randn(1 + 48 * 96, device="cuda") * 2
         cases = [buf[:32 * 96].view(32, 96), buf[:32 * 96].view(32, 96), buf[1:1 + 32 * 96].view(32, 96),
@@ -118,7 +118,7 @@ def test_cached_launch_matches_tritons_path_on_gpu(mode):
             torch.testing.assert_close(a.grad, a1.grad, rtol=1e-3, atol=1e-3)
         assert atmn._launch_once_fwd.hits - hits0 >= 2  # the repeats of 32 and 33 rows (misaligned: Triton's path)
     finally:
-        launch.set_fast_launch("1")
+        launch.fast_launch.set("1")
 
 
 @pytest.mark.gpu

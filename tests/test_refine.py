@@ -219,7 +219,7 @@ def test_bad_input_clear_error_and_no_output_folder(case, tmp_path, teacher_dir,
         pytest.importorskip("triton")
         from neuro_mar.kernels import atmn_ops
 
-        monkeypatch.setattr(atmn_ops, "_backend", "triton")
+        monkeypatch.setattr(atmn_ops._backend, "value", "triton")
         args += ["--ce-weight", "0.1"]
         match = "ce-weight needs materialised logits"
     else:

@@ -18,11 +18,11 @@ import types
 
 import torch
 
-from ..knobs import choice, env_choice
+from ..knobs import Knob
 from .scan import ssd_chunked, ssd_naive
 
 BACKENDS = ("auto", "chunked", "naive", "mamba_ssm")
-_default = env_choice("NEURO_MAR_SSM_BACKEND", BACKENDS, "auto")
+_default = Knob("SSM backend", "NEURO_MAR_SSM_BACKEND", BACKENDS, "auto")
 _mamba_fn = None
 _mamba_error: str | None = None
 
@@ -35,12 +35,11 @@ MAMBA_INSTALL_HINT = (
 
 def set_default_backend(name: str) -> None:
     """Set the process-wide default scan backend (one of BACKENDS)."""
-    global _default
-    _default = choice("SSM backend", name, BACKENDS)
+    _default.set(name)
 
 
 def default_backend() -> str:
-    return _default
+    return _default.value
 
 
 def load_mamba_chunk_scan():
@@ -90,7 +89,7 @@ def _mamba_scan(x, log_decay, B, C, initial_state, chunk_size):
 
 
 def resolve_backend(name: str | None, device: torch.device) -> str:
-    name = name or _default
+    name = name or _default.value
     if name not in BACKENDS:
         raise ValueError(f"unknown SSM backend {name!r}; choose one of {BACKENDS}")
     if name == "auto":
