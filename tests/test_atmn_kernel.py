@@ -1,6 +1,7 @@
 """ATMN Triton kernels == PyTorch reference: spikes exactly, x_hat and every gradient within
 tolerance, awkward shapes, all dtypes and surrogates, NaN-poisoned outputs. On CPU the kernels
 run under TRITON_INTERPRET=1 (set by conftest); on a GPU at full size with -m gpu."""
+import os
 import subprocess
 import sys
 
@@ -304,6 +305,21 @@ def test_import_and_cpu_path_without_triton():
     env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
+
+
+def test_kernels_folder_imported_as_top_level_package_stays_empty():
+    """transformers imports a top-level ``kernels`` to ask whether Hugging Face's package is there;
+    from the repository root that finds this folder. It must not register the custom ops a second
+    time or import neuro_mar half-way through transformers' own import (a circular import that
+    failed every transformers-using script started with the root on sys.path)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = ("import kernels, transformers.modeling_utils, neuro_mar.kernels\n"
+            "assert not hasattr(kernels, 'atmn_ops') and neuro_mar.kernels.atmn_ops is not None\n"
+            "from transformers.utils.import_utils import is_kernels_available\n"
+            "assert not is_kernels_available()\n"
+            "print('ok')\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-3000:]
 
 
 @pytest.mark.gpu

@@ -141,3 +141,4 @@ def test_cached_launch_calls_installed_hooks_on_gpu():
     finally:
         triton.knobs.runtime.launch_enter_hook.remove(hook)
     assert seen.count("_once_fwd_kernel") == 3, seen
+
