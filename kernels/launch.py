@@ -66,10 +66,10 @@ class CachedLaunch:
     ``jit_fn[grid](*args, num_warps=8)`` would; every argument positional, grid a tuple of 1-3 ints.
     Returns the compiled kernel (``None`` under the interpreter).
 
-    The first cached call records which positions hold constexprs, tensors, ints and other values;
-    later calls must keep each position's kind (a launcher that always passes the same signature
-    does). A tensor that is not 16-byte aligned sends the call through Triton's path (rare: fresh
-    allocations are aligned), so the key needs one alignment bit for all tensors."""
+    The first cached call records which positions hold constexprs, tensors, ints and other values.
+    A call whose positions changed kind (a launcher that always passes the same signature never
+    does), or with a tensor that is not 16-byte aligned (rare: fresh allocations are), goes through
+    Triton's path, so the key needs one alignment bit for all tensors."""
 
     def __init__(self, fn):
         self.fn = fn
@@ -109,7 +109,10 @@ class CachedLaunch:
     def __call__(self, grid, *args, num_warps: int):
         if fast_launch.value == "0" or _interpreting():
             return self.fn[grid](*args, num_warps=num_warps)
-        key = self._key(args, num_warps)
+        try:
+            key = self._key(args, num_warps)
+        except (AttributeError, TypeError):  # a position changed kind (say None for a tensor): Triton decides
+            key = None
         if key is None:
             return self.fn[grid](*args, num_warps=num_warps)
         kernel = self._compiled.get(key)

@@ -142,3 +142,19 @@ def test_cached_launch_calls_installed_hooks_on_gpu():
         triton.knobs.runtime.launch_enter_hook.remove(hook)
     assert seen.count("_once_fwd_kernel") == 3, seen
 
+
+
+def test_a_position_that_changes_kind_takes_tritons_path(monkeypatch):
+    """None where a tensor was: the call is handed to Triton's own launch (which decides), not keyed."""
+    calls = []
+
+    class _Kernel(_FakeKernel):
+        def __getitem__(self, grid):
+            return lambda *args, num_warps: calls.append(args)
+
+    monkeypatch.setattr(launch, "_current", (lambda: 0, lambda device: 0))
+    monkeypatch.setattr(launch, "_interpreting", lambda: False)
+    cl = launch.CachedLaunch(_Kernel())
+    cl._layout = cl._plan((torch.zeros(4), 3, 0.5, 64))
+    cl((1,), None, 3, 0.5, 64, num_warps=4)
+    assert calls == [(None, 3, 0.5, 64)] and cl.misses == 0 and not cl._compiled
