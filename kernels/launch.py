@@ -22,19 +22,14 @@ holds is caught rather than silently launching the wrong specialization).
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
+from triton.runtime.jit import JITFunction
 
 from neuro_mar.knobs import Knob
 
 #: ``"1"`` (cached launches), ``"0"`` (always Triton's path) or ``"check"`` (cached, verified)
 fast_launch = Knob("fast-launch mode", "NEURO_MAR_FAST_LAUNCH", ("1", "0", "check"), "1")
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 _current = None  # (get_current_device, get_current_stream) of Triton's active driver, bound once
@@ -73,6 +68,8 @@ class CachedLaunch:
 
     def __init__(self, fn):
         self.fn = fn
+        # under TRITON_INTERPRET=1 (decided when the kernel was decorated) there is nothing compiled to keep
+        self._compiles = isinstance(fn, JITFunction)
         self._layout: tuple | None = None
         self._compiled: dict = {}
         self.hits = 0
@@ -107,7 +104,7 @@ class CachedLaunch:
                 tuple([_int_key(args[i]) for i in ints]), tuple([type(args[i]) for i in others]))
 
     def __call__(self, grid, *args, num_warps: int):
-        if fast_launch.value == "0" or _interpreting():
+        if fast_launch.value == "0" or not self._compiles:
             return self.fn[grid](*args, num_warps=num_warps)
         try:
             key = self._key(args, num_warps)

@@ -153,8 +153,8 @@ def test_a_position_that_changes_kind_takes_tritons_path(monkeypatch):
             return lambda *args, num_warps: calls.append(args)
 
     monkeypatch.setattr(launch, "_current", (lambda: 0, lambda device: 0))
-    monkeypatch.setattr(launch, "_interpreting", lambda: False)
     cl = launch.CachedLaunch(_Kernel())
+    cl._compiles = True  # a stand-in for a compiled JITFunction
     cl._layout = cl._plan((torch.zeros(4), 3, 0.5, 64))
     cl((1,), None, 3, 0.5, 64, num_warps=4)
     assert calls == [(None, 3, 0.5, 64)] and cl.misses == 0 and not cl._compiled
