@@ -5,9 +5,10 @@
 # Usage: STAGES="tests atmn" bash benchmarks/gpu_run.sh
 # Stages: tests (kernel + SSM test files), gputests (their GPU-relevant subset), gpumark (only the
 # tests marked gpu: full sizes, quickest), atmntests (the ATMN kernel tests only), atmn, sbds
-# (benchmarks), atmntune (tile sweep of the raw ATMN kernels), atmnhost (host time of an eager ATMN call, piece by piece), atmnprofile (host vs
-# device time of one eager ATMN call), scaling / scalingfsdp (Stage-2 DDP / FSDP2 scaling over
-# NPROCS="1 2 4 8" processes; needs the teacher parts, see benchmarks/README.md).
+# (benchmarks), atmntune (tile sweep of the raw ATMN kernels), atmnhost (host time of an eager ATMN
+# call, piece by piece), atmnprofile (host vs device time of one eager ATMN call), scaling /
+# scalingfsdp (Stage-2 DDP / FSDP2 scaling over NPROCS="1 2 4 8" processes; needs the teacher parts,
+# see benchmarks/README.md).
 set -uo pipefail
 OUT=${OUT:-benchmarks/results}
 STAGES=${STAGES:-"tests atmn"}
