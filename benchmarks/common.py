@@ -106,3 +106,51 @@ def print_table(rows: list[dict], cols: list[str]) -> None:
     print("  ".join(c.ljust(w) for c, w in zip(cols, widths)))
     for r in rows:
         print("  ".join(str(r.get(c, "")).ljust(w) for c, w in zip(cols, widths)))
+
+
+def load_bench_teacher(spec: str, device):
+    """The teacher of a training benchmark: a spec :func:`neuro_mar.teachers.load_teacher` takes, or
+    a model ``config.json`` (a model of those shapes with random weights, seeded: the same
+    throughput and memory, and no weights to carry to the GPU machine)."""
+    from neuro_mar.teachers import load_teacher
+
+    if not spec.endswith(".json"):
+        return load_teacher(spec)[0].to(device)
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with open(spec) as f:
+        fields = json.load(f)
+    if "model_type" not in fields:
+        raise SystemExit(f"{spec}: not a model config.json (no model_type)")
+    torch.manual_seed(0)
+    cfg = AutoConfig.for_model(**fields)
+    return AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).to(device).eval()
+
+
+def stage2_parts(teacher_spec: str, device, seq_len: int, n_rows: int, neuron: str = "atmn"):
+    """``(teacher, student, rows)``: Stage 2 as the refine pipeline starts it (the teacher frozen,
+    the student its Discrete Mamba-2 conversion with ``neuron`` at the four sites, thresholds
+    calibrated) on ``n_rows`` random token rows of ``seq_len``."""
+    import copy
+
+    from neuro_mar.convert import llama_to_mar
+
+    torch.manual_seed(0)
+    teacher = load_bench_teacher(teacher_spec, device).requires_grad_(False).eval()
+    stage1 = llama_to_mar(teacher).eval()
+    rows = torch.randint(0, stage1.config.vocab_size, (n_rows, seq_len), generator=torch.Generator().manual_seed(1))
+    student = copy.deepcopy(stage1).requires_grad_(True)
+    student.set_neurons(neuron)
+    student.to(device)
+    student.calibrate_thresholds([rows[:2].to(device)])
+    return teacher, student, rows
+
+
+def stage2_trainer(teacher, student, rows, steps: int, micro_batch: int, device, name: str, fsdp: bool = False):
+    """The project's Trainer on the Stage-2 loss (SBDS logits + pre-norm features), no checkpoints."""
+    from neuro_mar.refine import RefineConfig, TrainConfig, Trainer
+    from neuro_mar.refine.pipeline import _Bound, make_loss_2
+
+    cfg = TrainConfig(steps=steps, lr=1e-4, warmup=0, micro_batch=micro_batch, seed=0, ckpt_every=10**9, fsdp=fsdp)
+    return Trainer(_Bound(student, teacher, make_loss_2(RefineConfig())), lambda m, b: m(b), rows, cfg, None, name,
+                   progress=False, device=device, shard_units=lambda bound: list(bound.student.model.layers))

@@ -8,7 +8,8 @@
 # (benchmarks), atmntune (tile sweep of the raw ATMN kernels), atmnhost (host time of an eager ATMN
 # call, piece by piece), atmnprofile (host vs device time of one eager ATMN call), scaling /
 # scalingfsdp (Stage-2 DDP / FSDP2 scaling over NPROCS="1 2 4 8" processes; needs the teacher parts,
-# see benchmarks/README.md).
+# see benchmarks/README.md), stage2prof (where a Stage-2 training step spends its time; a teacher
+# of SmolLM2-135M's shapes with random weights).
 set -uo pipefail
 OUT=${OUT:-benchmarks/results}
 STAGES=${STAGES:-"tests atmn"}
@@ -28,6 +29,7 @@ for stage in $STAGES; do
     gpumark) python3 -P -m pytest -q -p no:cacheprovider -rf -m gpu tests 2>&1 | tee "$OUT/gpu_tests.log" ;;
     scaling) python3 -P benchmarks/scaling.py --nprocs ${NPROCS:-1 2} 2>&1 | tee "$OUT/scaling.log" ;;
     scalingfsdp) python3 -P benchmarks/scaling.py --fsdp --nprocs ${NPROCS:-1 2} 2>&1 | tee "$OUT/scaling_fsdp.log" ;;
+    stage2prof) python3 -P benchmarks/stage2_profile.py --teacher benchmarks/smollm2_135m_config.json 2>&1 | tee "$OUT/stage2_profile.log" ;;
     *) echo "unknown stage $stage" ;;
   esac
 done

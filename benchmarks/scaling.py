@@ -23,44 +23,27 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import environment, print_table, write_results  # noqa: E402
+from common import environment, print_table, stage2_parts, stage2_trainer, write_results  # noqa: E402
 
 RESULT = "SCALING_RESULT "
 
 
 def _worker(args) -> None:
-    import copy
-
     import torch
     import torch.distributed as dist
 
-    from neuro_mar.convert import llama_to_mar
-    from neuro_mar.refine import RefineConfig, TrainConfig, Trainer
-    from neuro_mar.refine.pipeline import _Bound, make_loss_2
     from neuro_mar.refine.trainer import init_distributed, shutdown_distributed, world
-    from neuro_mar.teachers import load_teacher
 
     init_distributed()
     rank, n = world()
     if args.global_batch % n:
         raise SystemExit(f"--global-batch {args.global_batch} is not divisible by {n} processes")
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    torch.manual_seed(0)
-    teacher, _ = load_teacher(args.teacher)
-    teacher = teacher.to(device).requires_grad_(False).eval()
-    stage1 = llama_to_mar(teacher).eval()
-    vocab = stage1.config.vocab_size
-    rows = torch.randint(0, vocab, (max(args.global_batch * 4, 8), args.seq_len),
-                         generator=torch.Generator().manual_seed(1))
-    student = copy.deepcopy(stage1).requires_grad_(True)
-    student.set_neurons(args.neuron)
-    student.to(device)
-    student.calibrate_thresholds([rows[:2].to(device)])
-    cfg = TrainConfig(steps=args.steps, lr=1e-4, warmup=0, micro_batch=args.global_batch // n, seed=0,
-                      ckpt_every=10**9, fsdp=args.fsdp)
-    trainer = Trainer(_Bound(student, teacher, make_loss_2(RefineConfig())), lambda m, b: m(b), rows, cfg, None,
-                      f"scaling-{n}", progress=False, device=device,
-                      shard_units=lambda bound: list(bound.student.model.layers))
+    teacher, student, rows = stage2_parts(args.teacher, device, args.seq_len, max(args.global_batch * 4, 8),
+                                          args.neuron)
+    trainer = stage2_trainer(teacher, student, rows, args.steps, args.global_batch // n, device, f"scaling-{n}",
+                             fsdp=args.fsdp)
+    cfg = trainer.cfg
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     hist = trainer.run()
@@ -105,7 +88,8 @@ def _launch(args, n: int) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--nprocs", type=int, nargs="+", default=[1, 2], help="process counts to run (first is the baseline)")
-    p.add_argument("--teacher", default="smollm2-135m")
+    p.add_argument("--teacher", default="smollm2-135m",
+                   help="teacher spec (name, GGUF, HF folder) or a config.json: its shapes with random weights")
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--warmup-steps", type=int, default=2, help="first steps left out of the tokens/s median")
     p.add_argument("--global-batch", type=int, default=16, help="sequences per optimizer step, all ranks together")

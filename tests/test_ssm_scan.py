@@ -81,3 +81,42 @@ def test_mixer_step_equals_full_forward_and_state_constant_size():
     o1, s1 = m(u[:, :7])
     o2, _ = m(u[:, 7:], s1)
     torch.testing.assert_close(torch.cat([o1, o2], 1), full)
+
+
+def _mixer_grads(m, u):
+    u = u.clone().requires_grad_()
+    out, state = m(u)
+    (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).reshape(out.shape)).sum().backward()
+    grads = {n: p.grad.clone() for n, p in m.named_parameters()}
+    m.zero_grad(set_to_none=True)
+    return out.detach(), state.ssm.detach(), u.grad, grads
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_padded_in_proj_gives_the_plain_outputs_and_gradients(monkeypatch, bias):
+    """in_proj's output width (16 + 2*2*4) + 16 + 4 = 52 is not a multiple of 8: the padded product (the GPU
+    path, forced here on CPU) gives the same output, state and gradients as calling in_proj, and a
+    hooked in_proj is still called as a module."""
+    import neuro_mar.ssm.discrete_mamba2 as dm
+
+    torch.manual_seed(0)
+    m = DiscreteMamba2(d_model=16, d_state=4, n_qk_heads=2, n_v_heads=4, chunk_size=8, bias=bias).double()
+    assert m.in_proj.out_features % 8
+    u = torch.randn(2, 11, 16, dtype=torch.float64)
+    plain = _mixer_grads(m, u)
+    calls = []
+    monkeypatch.setattr(dm, "PAD_IN_PROJ_ON", ("cpu", "cuda"))
+    m.in_proj.register_forward_pre_hook(lambda mod, args: calls.append(args[0].shape))
+    _mixer_grads(m, u)
+    assert len(calls) == 1  # hooked: called as a module
+    m.in_proj._forward_pre_hooks.clear()
+    orig = torch.nn.functional.linear
+    widths = []
+    monkeypatch.setattr(dm.F, "linear", lambda x, w, b=None: widths.append(w.shape[0]) or orig(x, w, b))
+    padded = _mixer_grads(m, u)
+    assert widths[0] % 8 == 0 and widths[0] > m.in_proj.out_features
+    for a, b in zip(plain[:3], padded[:3]):
+        torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12)
+    assert plain[3].keys() == padded[3].keys()
+    for n in plain[3]:
+        torch.testing.assert_close(padded[3][n], plain[3][n], rtol=1e-12, atol=1e-12, msg=n)

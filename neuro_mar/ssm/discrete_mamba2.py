@@ -23,6 +23,10 @@ from .backends import ssd_scan
 from .scan import ssd_naive
 
 
+#: device types on which in_proj's output is padded to a multiple of 8 columns (see _project_in)
+PAD_IN_PROJ_ON = ("cuda",)
+
+
 @dataclass
 class MixerState:
     """Recurrent state of one mixer: conv window [b, conv_dim, d_conv-1], SSM state [b, h, p, n]."""
@@ -79,6 +83,19 @@ class DiscreteMamba2(nn.Module):
         self.z_bias.zero_()
 
     # -- pieces ---------------------------------------------------------------------------
+    def _project_in(self, u: torch.Tensor):
+        """``(xBC, z, A_log)``: in_proj(u) split. On a GPU, an output width that is not a multiple of
+        8 (2313 = 1728 + 576 + 9 for SmolLM2-135M) makes cuBLAS fall back to unaligned kernels for
+        the product and both its gradients (~4x slower), so the weight is zero-padded to the next
+        multiple and the extra columns are split off unused (the same values and gradients)."""
+        W, bias = self.in_proj.weight, self.in_proj.bias
+        pad = -W.shape[0] % 8
+        plain = type(self.in_proj) is not nn.Linear or self.in_proj._forward_hooks or self.in_proj._forward_pre_hooks
+        if not pad or u.device.type not in PAD_IN_PROJ_ON or plain:  # a wrapped or hooked in_proj is called as is
+            return torch.split(self.in_proj(u), [self.conv_dim, self.d_inner, self.n_v_heads], dim=-1)
+        proj = F.linear(u, F.pad(W, (0, 0, 0, pad)), None if bias is None else F.pad(bias, (0, pad)))
+        return torch.split(proj, [self.conv_dim, self.d_inner, self.n_v_heads, pad], dim=-1)[:3]
+
     def _conv(self, xBC: torch.Tensor, state: MixerState | None):
         """Causal depthwise conv over [b, l, conv_dim]; returns (out, new conv window)."""
         xt = xBC.transpose(1, 2)  # [b, conv_dim, l]
@@ -96,8 +113,7 @@ class DiscreteMamba2(nn.Module):
         nothing: it carries gradients if inputs do).
         """
         b, l, _ = u.shape
-        proj = self.in_proj(self.in_site(u))
-        xBC, z, A_log = torch.split(proj, [self.conv_dim, self.d_inner, self.n_v_heads], dim=-1)
+        xBC, z, A_log = self._project_in(self.in_site(u))
         xBC, conv_state = self._conv(xBC, state)
         x, B, C = torch.split(xBC, [self.d_inner, self.n_qk_heads * self.d_state, self.n_qk_heads * self.d_state], dim=-1)
         x = x.reshape(b, l, self.n_v_heads, self.headdim)
