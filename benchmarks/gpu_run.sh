@@ -18,8 +18,8 @@ NEED_TEACHER=$NEED_TEACHER source benchmarks/device_env.sh || exit 1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu_info.txt"
 for stage in $STAGES; do
   case $stage in
-    tests) python3 -P -m pytest -q -p no:cacheprovider tests/test_atmn_kernel.py tests/test_ssm_gpu.py tests/test_sbds_kernel.py 2>&1 | tee "$OUT/gpu_tests.log" ;;
-    gputests) python3 -P -m pytest -q -p no:cacheprovider -rf tests/test_ssm_gpu.py tests/test_atmn_kernel.py tests/test_sbds_kernel.py -k "gpu or full_size or dtypes_and_shapes or multistep or without_triton or when_forced or sbds or reference or autocast" 2>&1 | tee "$OUT/gpu_tests.log" ;;
+    tests) python3 -P -m pytest -q -p no:cacheprovider tests/test_atmn_kernel.py tests/test_ssm_gpu.py tests/test_sbds_kernel.py tests/test_causal_conv_kernel.py 2>&1 | tee "$OUT/gpu_tests.log" ;;
+    gputests) python3 -P -m pytest -q -p no:cacheprovider -rf tests/test_ssm_gpu.py tests/test_atmn_kernel.py tests/test_sbds_kernel.py tests/test_causal_conv_kernel.py -k "gpu or full_size or dtypes_and_shapes or multistep or without_triton or when_forced or sbds or reference or autocast" 2>&1 | tee "$OUT/gpu_tests.log" ;;
     atmntests) NEURO_MAR_FAST_LAUNCH=check python3 -P -m pytest -q -p no:cacheprovider -rf tests/test_atmn_kernel.py tests/test_launch.py 2>&1 | tee "$OUT/atmn_gpu_tests.log" ;;
     atmn) python3 -P benchmarks/atmn.py 2>&1 | tee "$OUT/atmn_bench.log" ;;
     atmntune) python3 -P benchmarks/atmn_tune.py 2>&1 | tee "$OUT/atmn_tune.log" ;;

@@ -109,6 +109,19 @@ def _variants():
         st = torch.randn(6, 300) if with_state else None
         out.append((f"multi bwd T={T} surrogate {sg}{' with state' if with_state else ''}",
                     lambda xs=xs, h=h, st=st, sg=sg: atmn.multi_bwd(xs, st, h, xs, st, V, 0.5, sg, 4.0)))
+    from . import causal_conv
+
+    base = torch.randn(2, 40, 2320, dtype=torch.bfloat16)  # xBC: a column slice of in_proj's padded output
+    for K, with_bias in ((4, True), (2, False)):
+        w, cb = torch.randn(1728, K), torch.randn(1728) if with_bias else None
+        out.append((f"causal conv K={K} fwd+bwd bf16 strided", lambda w=w, cb=cb: (
+            causal_conv.conv_fwd(base[..., :1728], w, cb), causal_conv.conv_bwd(base[..., :1728], base[..., :1728], w, cb))))
+    big = torch.empty(16, 1024, 1728, dtype=torch.bfloat16)  # training size: several time tiles per program
+    out.append(("causal conv bwd training size", lambda: causal_conv.conv_bwd(big, big, torch.randn(1728, 4),
+                                                                             torch.randn(1728))))
+    xc = torch.randn(3, 7, 45)
+    out.append(("causal conv fp32 C=45", lambda: (causal_conv.conv_fwd(xc, torch.randn(45, 4), None),
+                                                  causal_conv.conv_bwd(xc, xc, torch.randn(45, 4), torch.randn(45)))))
     s = torch.randn(3, 1000, dtype=torch.bfloat16)
     out.append(("sbds rows bf16", lambda: sbds_rows_(s, s.clone(), torch.ones(3), 0.5, 0.5, 1.0)))
     out.append(("sbds rows fp32 wide", lambda: sbds_rows_(torch.randn(2, 5000), torch.randn(2, 5000),

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..kernels.causal_conv_ops import causal_conv1d_silu, use_conv_kernel
+from ..kernels.causal_conv_ref import causal_conv1d_silu_ref
 from ..neurons import SpikeSite, create
 from .backends import ssd_scan
 from .scan import ssd_naive
@@ -97,13 +99,16 @@ class DiscreteMamba2(nn.Module):
         return torch.split(proj, [self.conv_dim, self.d_inner, self.n_v_heads, pad], dim=-1)[:3]
 
     def _conv(self, xBC: torch.Tensor, state: MixerState | None):
-        """Causal depthwise conv over [b, l, conv_dim]; returns (out, new conv window)."""
-        xt = xBC.transpose(1, 2)  # [b, conv_dim, l]
-        k = self.d_conv - 1
-        prev = state.conv.to(xt.dtype) if state is not None else xt.new_zeros(xt.shape[0], self.conv_dim, k)
-        full = torch.cat([prev, xt], dim=-1)
-        out = F.conv1d(full, self.conv1d.weight, self.conv1d.bias, groups=self.conv_dim)
-        return F.silu(out).transpose(1, 2), full[..., full.shape[-1] - k:]
+        """Causal depthwise conv + SiLU over ``xBC [b, l, conv_dim]``; returns (out [b, l, conv_dim],
+        new conv window [b, conv_dim, d_conv-1]). From a zero state, on CUDA, the fused Triton kernel
+        (channels-last, no transposed copies); otherwise the PyTorch reference."""
+        if state is None and use_conv_kernel(xBC):
+            out = causal_conv1d_silu(xBC, self.conv1d.weight, self.conv1d.bias)
+            k, l = self.d_conv - 1, xBC.shape[1]
+            xt = xBC.transpose(1, 2)
+            return out, (xt[..., l - k:] if l >= k else F.pad(xt, (k - l, 0)))
+        return causal_conv1d_silu_ref(xBC, self.conv1d.weight, self.conv1d.bias,
+                                      None if state is None else state.conv)
 
     def forward(self, u: torch.Tensor, state: MixerState | None = None, backend: str | None = None):
         """``u [b, l, d_model] -> (out [b, l, d_model], new_state)``.
