@@ -27,7 +27,7 @@ GROUPS = [
     ("SBDS logits (fused)", r"sbds"),
     ("ATMN neurons", r"atmn|_once_(fwd|bwd)|_multi_(fwd|bwd)"),
     ("SSD scan (mamba_ssm)", r"chunk_scan|chunk_state|state_passing|bmm_chunk|chunk_cumsum|ssd"),
-    ("causal conv1d", r"conv1d|causal_conv|conv_depthwise|convolution"),
+    ("causal conv1d", r"conv1d|causal_conv|_conv_(fwd|bwd)|convsilu|conv_depthwise|convolution"),
     ("teacher attention", r"flash|fmha|attention|sdpa"),
     ("matmul", r"gemm|nvjet|cutlass|xmma|cublas|matmul|wgmma|aten::mm|aten::addmm|aten::bmm|aten::linear"),
     ("AdamW", r"multi_tensor|adam|foreach"),

@@ -116,9 +116,14 @@ def _variants():
         w, cb = torch.randn(1728, K), torch.randn(1728) if with_bias else None
         out.append((f"causal conv K={K} fwd+bwd bf16 strided", lambda w=w, cb=cb: (
             causal_conv.conv_fwd(base[..., :1728], w, cb), causal_conv.conv_bwd(base[..., :1728], base[..., :1728], w, cb))))
-    big = torch.empty(16, 1024, 1728, dtype=torch.bfloat16)  # training size: several time tiles per program
-    out.append(("causal conv bwd training size", lambda: causal_conv.conv_bwd(big, big, torch.randn(1728, 4),
-                                                                             torch.randn(1728))))
+    def looped_bwd():  # several time tiles per backward program (MAX_LOOP > 1: the tuned default is 1)
+        big, loop = torch.empty(16, 1024, 1728, dtype=torch.bfloat16), causal_conv.MAX_LOOP
+        causal_conv.MAX_LOOP = 8
+        try:
+            causal_conv.conv_bwd(big, big, torch.randn(1728, 4), torch.randn(1728))
+        finally:
+            causal_conv.MAX_LOOP = loop
+    out.append(("causal conv bwd, looped", looped_bwd))
     xc = torch.randn(3, 7, 45)
     out.append(("causal conv fp32 C=45", lambda: (causal_conv.conv_fwd(xc, torch.randn(45, 4), None),
                                                   causal_conv.conv_bwd(xc, xc, torch.randn(45, 4), torch.randn(45)))))

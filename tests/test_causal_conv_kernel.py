@@ -74,11 +74,12 @@ def test_kernel_strided_input_dtypes_and_no_bias(dtype, bias, forced, nan_poison
 
 
 def test_backward_with_several_time_tiles_per_program(forced, nan_poison, monkeypatch):
-    """MIN_PROGRAMS = 1 makes every backward program loop over MAX_LOOP time tiles, the last ones
+    """MAX_LOOP = 8 and MIN_PROGRAMS = 1 make every backward program loop over 8 time tiles, the last ones
     past the sequence's end: the weight and bias partials must still count each time step once."""
     from neuro_mar.kernels import causal_conv
 
     monkeypatch.setattr(causal_conv, "MIN_PROGRAMS", 1)
+    monkeypatch.setattr(causal_conv, "MAX_LOOP", 8)
     monkeypatch.setitem(causal_conv.TILES, "bwd", {"rows": 4, "cols": 16, "num_warps": 4})
     x, w, b = _case(2, 45, 20, 4)
     (y1, dx1, dw1, db1), (y2, dx2, dw2, db2) = _both(x, w, b)
