@@ -48,10 +48,13 @@ def group_of(name: str) -> str:
 
 
 def _events(prof, on_gpu: bool):
-    """(name, microseconds, calls) of every kernel (GPU) or CPU operator's self time (CPU)."""
+    """(name, microseconds, calls) of every kernel (GPU) or CPU operator's self time (CPU). GPU-side
+    user annotations (``Optimizer.step#AdamW.step``: the span of the step's kernels on the GPU
+    timeline, gaps included) are left out: their kernels are counted as kernels."""
+    spans = {e.name for e in prof.events() if getattr(e, "is_user_annotation", False)}
     out = []
     for e in prof.key_averages():
-        if on_gpu and e.device_type != torch.autograd.DeviceType.CUDA:
+        if on_gpu and (e.device_type != torch.autograd.DeviceType.CUDA or e.key in spans):
             continue  # CPU operators: their device time is their kernels', counted once as kernels
         us = e.self_device_time_total if on_gpu else e.self_cpu_time_total
         if us > 0:

@@ -52,3 +52,23 @@ def test_stage2_profile_on_cpu_with_a_random_weight_teacher_from_its_config(tmp_
     bad.write_text("{}")
     with pytest.raises(SystemExit, match="no model_type"):
         stage2_profile.main(["--teacher", str(bad)])
+
+
+def test_stage2_profile_counts_kernels_once():
+    """GPU-side user annotations (the optimizer step's span) and CPU operators are not added to the
+    kernels' time."""
+    from types import SimpleNamespace as NS
+
+    import stage2_profile
+    import torch
+
+    cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
+    rows = [NS(key="multi_tensor_apply_kernel", device_type=cuda, self_device_time_total=300, count=3),
+            NS(key="Optimizer.step#AdamW.step", device_type=cuda, self_device_time_total=1500, count=1),
+            NS(key="aten::mm", device_type=cpu, self_device_time_total=900, count=2),
+            NS(key="nvjet_sm90_tst", device_type=cuda, self_device_time_total=900, count=2)]
+    prof = NS(key_averages=lambda: rows,
+              events=lambda: [NS(name="Optimizer.step#AdamW.step", is_user_annotation=True),
+                              NS(name="aten::mm", is_user_annotation=False)])
+    assert stage2_profile._events(prof, on_gpu=True) == [("multi_tensor_apply_kernel", 300, 3),
+                                                          ("nvjet_sm90_tst", 900, 2)]
