@@ -26,14 +26,15 @@ def _kernels():
 
 
 def use_conv_kernel(x: Tensor) -> bool:
-    """Whether the Triton path runs for the mixer input ``x [b, l, C]`` under the backend knob."""
-    if _backend.value == "torch":
+    """Whether the Triton path runs for the mixer input ``x [b, l, C]`` under the backend knob. The
+    kernels compute in fp32: fp64 inputs keep the reference even when the kernels are forced."""
+    if _backend.value == "torch" or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return False
     if _backend.value == "triton":
         if not triton_available():
             raise ImportError("NEURO_MAR_KERNELS=triton needs triton (pip install triton)")
         return True
-    return x.is_cuda and triton_available() and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
+    return x.is_cuda and triton_available()
 
 
 @torch.library.custom_op("neuro_mar::causal_conv_silu_fwd", mutates_args=())

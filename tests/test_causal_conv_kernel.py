@@ -88,6 +88,23 @@ def test_backward_with_several_time_tiles_per_program(forced, nan_poison, monkey
     torch.testing.assert_close(db2, db1, rtol=1e-4, atol=1e-4)
 
 
+def test_torch_compile_traces_the_custom_ops(forced):
+    """Under torch.compile (fullgraph) the custom ops and their fake implementations are traced; the
+    compiled forward and backward equal eager's."""
+    x, w, b = _case(2, 9, 12, 4, wide=4)
+
+    def f(x, w, b):
+        return causal_conv_ops.causal_conv1d_silu(x, w, b).pow(2).sum()
+
+    grads = []
+    for fn in (torch.compile(f, fullgraph=True, backend="aot_eager"), f):
+        xi, wi, bi = (t.detach().clone().requires_grad_() for t in (x, w, b))
+        fn(xi, wi, bi).backward()
+        grads.append((xi.grad, wi.grad, bi.grad))
+    for g1, g2 in zip(*grads):
+        torch.testing.assert_close(g1, g2)
+
+
 def test_rejects_wrong_shapes():
     x, w, b = _case(2, 5, 6, 4)
     with pytest.raises(ValueError, match=r"weight \[C, 1, K\]"):
@@ -96,10 +113,16 @@ def test_rejects_wrong_shapes():
         causal_conv_ops.causal_conv1d_silu(x[0], w, b)
 
 
-def test_torch_backend_never_uses_the_kernel(monkeypatch):
-    monkeypatch.setattr(atmn_ops._backend, "value", "torch")
+def test_backend_knob_and_dtypes(monkeypatch):
+    """torch: never; triton: forced, but fp64 (which the kernels do not compute in) keeps the
+    reference; auto: only CUDA tensors."""
     x, _, _ = _case(1, 4, 8, 4)
+    monkeypatch.setattr(atmn_ops._backend, "value", "torch")
     assert not causal_conv_ops.use_conv_kernel(x)
+    monkeypatch.setattr(atmn_ops._backend, "value", "triton")
+    assert causal_conv_ops.use_conv_kernel(x) and not causal_conv_ops.use_conv_kernel(x.double())
+    monkeypatch.setattr(atmn_ops._backend, "value", "auto")
+    assert causal_conv_ops.use_conv_kernel(x) == x.is_cuda
 
 
 @pytest.mark.parametrize("l", [2, 3, 19])
