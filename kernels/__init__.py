@@ -1,6 +1,8 @@
 """Triton GPU kernels of neuro-mar (installed as ``neuro_mar.kernels``), each beside its PyTorch
-reference (``atmn.py`` / ``atmn_ref.py``). Importing this package never imports triton: the
-kernels load on first use on a GPU (or with ``NEURO_MAR_KERNELS=triton``)."""
+reference: ATMN (``atmn.py`` / ``atmn_ref.py``, ops in ``atmn_ops.py``), the fused linear SBDS loss
+(``sbds.py`` / ``sbds_ref.py``) and the mixer's causal conv + SiLU (``causal_conv.py`` /
+``causal_conv_ref.py``, ops in ``causal_conv_ops.py``). Importing this package never imports
+triton: the kernels load on first use on a GPU (or with ``NEURO_MAR_KERNELS=triton``)."""
 if __name__ == "neuro_mar.kernels":
     from . import atmn_ops, atmn_ref
     from .atmn_ops import atmn_multistep, atmn_once, get_backend, set_backend, use_kernel
