@@ -32,7 +32,7 @@ import triton.language as tl
 
 
 from .atmn_constants import RECOMPUTE_MAX_T, SURROGATE_IDS  # noqa: F401  (ids of _sg_grad)
-from .launch import CachedLaunch
+from .launch import CachedLaunch, next_pow2
 
 
 @triton.jit
@@ -349,7 +349,7 @@ def _geometry(kernel: str, R: int, C: int) -> tuple[int, int, tuple[int, int], i
     """Tile rows and channels, the grid and the warps of ``kernel`` for R rows of C channels (plain
     integer arithmetic: triton.cdiv and next_power_of_2 cost microseconds of host time per call)."""
     tile = TILES[kernel]
-    BC = min(tile["max_cols"], 1 << (max(C, 1) - 1).bit_length())
+    BC = min(tile["max_cols"], next_pow2(C))
     while BC > 32 and (-(-C // BC) * BC - C) * 8 > C:  # at most 1/8 of a row's lanes masked off (C = 576: 128)
         BC //= 2
     BR = max(1, tile["elems"] // BC)

@@ -64,6 +64,15 @@ def surrogate_kernel_id(surrogate) -> int | None:
     return SURROGATE_IDS.get(type(surrogate).__name__)
 
 
+def forced() -> bool:
+    """Whether ``NEURO_MAR_KERNELS=triton`` forces the kernels (an ImportError when triton is missing)."""
+    if _backend.value != "triton":
+        return False
+    if not triton_available():
+        raise ImportError("NEURO_MAR_KERNELS=triton needs triton (pip install triton)")
+    return True
+
+
 def use_kernel(x: Tensor, surrogate) -> bool:
     """Whether the Triton path runs for input x under the current backend knob."""
     if _backend.value == "torch":
@@ -73,9 +82,7 @@ def use_kernel(x: Tensor, surrogate) -> bool:
         if sg is None:
             raise ValueError(f"NEURO_MAR_KERNELS=triton, but surrogate {type(surrogate).__name__} has no kernel; "
                              "kernels cover Sigmoid, ATan, Rect (straight_through), PiecewiseQuadratic and Erf in spiking mode")
-        if not triton_available():
-            raise ImportError("NEURO_MAR_KERNELS=triton needs triton (pip install triton)")
-        return True
+        return forced()
     return x.is_cuda and sg is not None and triton_available() and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
 
 

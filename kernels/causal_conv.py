@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import CachedLaunch
+from .launch import CachedLaunch, next_pow2
 
 
 @triton.jit
@@ -105,11 +105,10 @@ def _channels_last(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def _geometry(kernel: str, B: int, L: int, C: int) -> tuple[int, int, int]:
+def _geometry(kernel: str, L: int, C: int) -> tuple[int, int, int]:
+    """Time rows and channels per program and the warps of ``kernel`` for L steps of C channels."""
     tile = TILES[kernel]
-    BC = min(tile["cols"], 1 << (max(C, 1) - 1).bit_length())
-    BT = min(tile["rows"], 1 << (max(L, 1) - 1).bit_length())
-    return BT, BC, tile["num_warps"]
+    return min(tile["rows"], next_pow2(L)), min(tile["cols"], next_pow2(C)), tile["num_warps"]
 
 
 def conv_fwd(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -120,7 +119,7 @@ def conv_fwd(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> tor
     K = w.shape[1]
     y = torch.empty((B, L, C), device=x.device, dtype=x.dtype)
     if y.numel():
-        BT, BC, warps = _geometry("fwd", B, L, C)
+        BT, BC, warps = _geometry("fwd", L, C)
         _launch_fwd((-(-L // BT), -(-C // BC), B), x, w, w if bias is None else bias, y, L, C, x.stride(0),
                     x.stride(1), K, bias is not None, BT, BC, num_warps=warps)
     return y
@@ -134,7 +133,7 @@ def conv_bwd(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, bias: torch.Ten
     dx = torch.empty((B, L, C), device=x.device, dtype=x.dtype)
     if not dx.numel():
         return dx, torch.zeros_like(w), None if bias is None else torch.zeros_like(bias)
-    BT, BC, warps = _geometry("bwd", B, L, C)
+    BT, BC, warps = _geometry("bwd", L, C)
     t_tiles, c_tiles = -(-L // BT), -(-C // BC)
     loop = MAX_LOOP
     while loop > 1 and -(-t_tiles // loop) * c_tiles * B < MIN_PROGRAMS:
@@ -143,5 +142,5 @@ def conv_bwd(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, bias: torch.Ten
     dwp = torch.empty((B * grid[0], K, C), device=x.device, dtype=torch.float32)
     dbp = torch.empty((B * grid[0], C), device=x.device, dtype=torch.float32)
     _launch_bwd(grid, x, w, w if bias is None else bias, dy, dx, dwp, dbp, L, C, x.stride(0), x.stride(1), K,
-                1 << (K - 1).bit_length(), bias is not None, loop, BT, BC, num_warps=warps)
+                next_pow2(K), bias is not None, loop, BT, BC, num_warps=warps)
     return dx, dwp.sum(0).t().contiguous(), None if bias is None else dbp.sum(0)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .atmn_ops import _backend, _compiling, triton_available
+from .atmn_ops import _backend, _compiling, forced, triton_available
 
 _conv = None
 
@@ -30,11 +30,7 @@ def use_conv_kernel(x: Tensor) -> bool:
     kernels compute in fp32: fp64 inputs keep the reference even when the kernels are forced."""
     if _backend.value == "torch" or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return False
-    if _backend.value == "triton":
-        if not triton_available():
-            raise ImportError("NEURO_MAR_KERNELS=triton needs triton (pip install triton)")
-        return True
-    return x.is_cuda and triton_available()
+    return forced() or (x.is_cuda and triton_available())
 
 
 @torch.library.custom_op("neuro_mar::causal_conv_silu_fwd", mutates_args=())

@@ -28,6 +28,12 @@ from triton.runtime.jit import JITFunction
 
 from neuro_mar.knobs import Knob
 
+
+def next_pow2(n: int) -> int:
+    """The smallest power of two >= n (1 for n <= 1), in plain integers: triton.next_power_of_2 is a
+    constexpr function now and costs microseconds of host time per call."""
+    return 1 << (max(n, 1) - 1).bit_length()
+
 #: ``"1"`` (cached launches), ``"0"`` (always Triton's path) or ``"check"`` (cached, verified)
 fast_launch = Knob("fast-launch mode", "NEURO_MAR_FAST_LAUNCH", ("1", "0", "check"), "1")
 
