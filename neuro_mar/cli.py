@@ -187,26 +187,63 @@ def _cmd_refine(args) -> int:
 def _cmd_eval(args) -> int:
     import json
 
+    from .evaluation import TaskFileError, describe, evaluate_suite, load_suite, render_suite_table
     from .refine import load_multiple_choice, perplexity, score_multiple_choice
     from .refine.data import DataError, read_texts, tokenize_and_pack
 
-    model, tok = _model_and_tokenizer(args.model, None, args.tokenizer)
-    results = {}
-    try:
-        if args.data:
-            rows = tokenize_and_pack(read_texts(args.data), tok, args.seq_len, args.max_tokens)
-            results["perplexity"] = perplexity(model, rows)
-            if args.teacher:
-                from .refine import agreement
+    entries = []
+    if args.suite or args.task:
+        try:
+            entries = load_suite(args.suite, args.suite_dir, args.task, args.limit)  # all files checked first
+        except TaskFileError as err:
+            raise SystemExit(f"error: {err}") from None
+    elif not (args.data or args.tasks):
+        raise SystemExit("error: give --suite NAME --suite-dir DIR or --task NAME=FILE (zero-shot suite), "
+                         "--data FILE (perplexity) or --tasks FILE.jsonl (multiple choice)")
+    if len(args.model) > 1 and (args.data or args.tasks):
+        raise SystemExit("error: --data and --tasks take one MODEL; compare several models with --suite/--task")
+    if args.out:
+        from pathlib import Path
 
-                teacher, _ = _load_any(args.teacher)
-                results.update(agreement(model, teacher, rows))
-        for path in args.tasks or []:
-            results[path] = score_multiple_choice(model, tok, load_multiple_choice(path), progress=True)
-    except (DataError, FileNotFoundError, ValueError) as err:
-        raise SystemExit(f"error: {err}") from None
-    if not results:
-        raise SystemExit("error: give --data FILE (perplexity) and/or --tasks FILE.jsonl (zero-shot accuracy)")
+        out = Path(args.out)
+        if out.exists() and not out.is_dir():
+            raise SystemExit(f"error: --out {out} exists and is not a folder")
+    results = {}
+    suite_results = {}
+    for spec in args.model:
+        model, tok = _model_and_tokenizer(spec, None, args.tokenizer)
+        if args.device:
+            model.to(args.device)
+        if entries:
+            suite_results[spec] = evaluate_suite(model, tok, entries, max_length=args.max_length,
+                                                 batch_tokens=args.batch_tokens, context_tokens=args.context_tokens,
+                                                 progress=True, model_name=spec)
+        try:
+            if args.data:
+                rows = tokenize_and_pack(read_texts(args.data), tok, args.seq_len, args.max_tokens)
+                results["perplexity"] = perplexity(model, rows)
+                if args.teacher:
+                    from .refine import agreement
+
+                    teacher, _ = _load_any(args.teacher)
+                    results.update(agreement(model, teacher, rows))
+            for path in args.tasks or []:
+                results[path] = score_multiple_choice(model, tok, load_multiple_choice(path), progress=True)
+        except (DataError, FileNotFoundError, ValueError) as err:
+            raise SystemExit(f"error: {err}") from None
+    if entries:
+        info = describe(entries)
+        results = {"suite": args.suite, "tasks": info, "max_length": args.max_length, "limit": args.limit,
+                   "context_tokens": args.context_tokens, "results": suite_results, **results}
+        table = render_suite_table(suite_results, info, args.model[0])
+        print(table)
+        if args.out:
+            from .io_utils import atomic_write_text
+
+            atomic_write_text(out / "suite.json", json.dumps(results, indent=2))
+            atomic_write_text(out / "suite.md", table + "\n")
+            print(f"wrote {out / 'suite.json'} and {out / 'suite.md'}")
+        return 0
     print(json.dumps(results, indent=2))
     return 0
 
@@ -337,6 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--max-channels", type=int, default=128)
     pt.set_defaults(func=_cmd_plot_trace)
 
+    from .evaluation import SUITES, TASKS
     from .refine import PRESETS
 
     r = sub.add_parser(
@@ -381,7 +419,15 @@ def build_parser() -> argparse.ArgumentParser:
                            ("eval_max_tokens", int, "tokens of --eval-data to evaluate (default 65536; 0 = all)"),
                            ("throughput_steps", int, "time N Stage-2 steps with the fused kernels and with the "
                                                      "PyTorch reference paths (0 = skip)"),
-                           ("throughput_micro_batch", int, "sequences per step of that measurement")]:
+                           ("throughput_micro_batch", int, "sequences per step of that measurement"),
+                           ("gen_max_new", int, "tokens per teacher sample (default 256)"),
+                           ("gen_batch", int, "sequences per sampling batch (default: 256 on a GPU, 16 on a CPU)"),
+                           ("gen_continuation_share", float, "share of sampling prompts that open --data paragraphs "
+                                                             "(default 0.75; the rest: built-in instructions)"),
+                           ("gen_temperature", float, "teacher sampling temperature (default 1.0)"),
+                           ("gen_top_p", float, "teacher sampling nucleus (default 0.95)"),
+                           ("eval_limit", int, "documents per suite task (default 0 = all)"),
+                           ("eval_max_length", int, "model window of the suite in tokens (default 2048)")]:
         r.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, help=hlp)
     r.add_argument("--eval-data", metavar="FILE",
                    help="text file for perplexity, KL and agreement of every model (e.g. WikiText-2 valid)")
@@ -389,21 +435,52 @@ def build_parser() -> argparse.ArgumentParser:
                    help="zero-shot multiple-choice set (ARC, PIQA, HellaSwag jsonl) for every model (repeatable)")
     r.add_argument("--ablation-neuron", dest="ablation_neurons", action="append", metavar="NAME",
                    help="also run Stage 2 with this neuron from the same Stage-1 model (repeatable)")
+    r.add_argument("--eval-suite", choices=sorted(SUITES),
+                   help="zero-shot suite the report leads with (dev: development sets; general: the held-out "
+                        "benchmarks); needs --eval-suite-dir")
+    r.add_argument("--eval-suite-dir", metavar="DIR", help="folder holding the suite's files (docs/evaluation.md)")
+    r.add_argument("--eval-suite-task", dest="eval_suite_tasks", action="append", metavar="NAME=FILE",
+                   help="add a task to the suite, e.g. piqa=piqa/validation.jsonl (repeatable)")
+    r.add_argument("--detokenize", choices=["auto", "wikitext", "none"],
+                   help="undo WikiText's tokenisation of --data (default auto: files that look like WikiText)")
+    r.add_argument("--dt-init", choices=["teacher", "range"],
+                   help="mixer memory at initialisation: each head's dt from the teacher's attention span "
+                        "(default) or log-uniform in --dt-range")
+    r.add_argument("--dt-range", nargs=2, type=float, metavar=("MIN", "MAX"), help="dt range for --dt-init range")
+    r.add_argument("--no-normalize-memory", dest="normalize_memory", action="store_false", default=None,
+                   help="do not start each mixer head as a normalised moving average")
     r.add_argument("--features", choices=["pre", "post", "both"], help="SBDS feature position (paper: pre)")
     r.add_argument("--stage2-teacher", choices=["stage1", "teacher"], help="distil Stage 2 from (default stage1)")
     r.set_defaults(func=_cmd_refine)
 
-    ev = sub.add_parser("eval", help="perplexity, agreement with a teacher, zero-shot multiple choice",
-                        description="Evaluate MODEL (a MAR checkpoint or a teacher spec): perplexity on --data, KL and "
-                                    "top-1 agreement with --teacher, and zero-shot acc/acc_norm on --tasks files "
-                                    "(ARC, PIQA, HellaSwag jsonl), scored as lm-evaluation-harness does.")
-    ev.add_argument("model", metavar="MODEL")
-    ev.add_argument("--data", metavar="FILE")
-    ev.add_argument("--teacher")
-    ev.add_argument("--tasks", action="append", metavar="FILE.jsonl")
-    ev.add_argument("--tokenizer", default="smollm2-135m")
-    ev.add_argument("--seq-len", type=int, default=256)
-    ev.add_argument("--max-tokens", type=int, default=65536)
+    ev = sub.add_parser(
+        "eval", help="zero-shot suite (lm-eval definitions), perplexity, agreement with a teacher",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Evaluate one or more MODELs (MAR checkpoints or teacher specs). --suite/--task: zero-shot "
+                    "tasks with lm-evaluation-harness 0.4 definitions from local files, one column per model and "
+                    "the share of the first model's margin above the baseline that each other model keeps. "
+                    f"Tasks: {', '.join(TASKS)}. --data: perplexity (and KL/agreement with --teacher); --tasks: "
+                    "multiple-choice jsonl files (ARC, PIQA, HellaSwag).")
+    ev.add_argument("model", metavar="MODEL", nargs="+", help="the first is the reference of the comparison")
+    ev.add_argument("--suite", choices=sorted(SUITES), help="a built-in suite (dev: development sets; general: "
+                                                             "the held-out benchmarks); needs --suite-dir")
+    ev.add_argument("--suite-dir", metavar="DIR", help="folder holding the suite's files (see docs/evaluation.md)")
+    ev.add_argument("--task", action="append", metavar="NAME=FILE",
+                    help="a task from a file, e.g. lambada_openai=lambada_test.jsonl (repeatable; replaces the "
+                         "suite's entry of the same name; LABEL:NAME=FILE to label it)")
+    ev.add_argument("--limit", type=int, help="first N documents of each task")
+    ev.add_argument("--max-length", type=int, default=2048, help="model window in tokens (lm-eval's max_length)")
+    ev.add_argument("--context-tokens", type=int,
+                    help="cut every context to its last N tokens (probe: how much context a model uses)")
+    ev.add_argument("--batch-tokens", type=int, default=8192, help="input tokens per forward")
+    ev.add_argument("--device", help="run the models here (e.g. cuda)")
+    ev.add_argument("--out", metavar="DIR", help="write suite.json and suite.md here")
+    ev.add_argument("--data", metavar="FILE", help="text file for perplexity")
+    ev.add_argument("--teacher", help="with --data: KL and top-1 agreement with this teacher")
+    ev.add_argument("--tasks", action="append", metavar="FILE.jsonl", help="multiple-choice jsonl (ARC/PIQA/HellaSwag)")
+    ev.add_argument("--tokenizer", default="smollm2-135m", help="tokenizer when MODEL has none")
+    ev.add_argument("--seq-len", type=int, default=256, help="--data sequence length")
+    ev.add_argument("--max-tokens", type=int, default=65536, help="--data tokens to evaluate")
     ev.set_defaults(func=_cmd_eval)
 
     g = sub.add_parser("generate", help="generate text with a model", description="Generate from MODEL.")

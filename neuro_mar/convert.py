@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .models import MARConfig, MARForCausalLM
-from .ssm.discrete_mamba2 import dt_bias_init
+from .ssm.discrete_mamba2 import dt_bias_init, inverse_softplus
 
 #: silu(Z_STAR) == 1: a gate that passes y unchanged at initialisation.
 Z_STAR = 1.2784645427610738
@@ -71,11 +71,26 @@ def _repeat_kv(w: torch.Tensor, kv_heads: int, heads: int) -> torch.Tensor:
     return w.reshape(kv_heads, -1, *w.shape[1:]).repeat_interleave(heads // kv_heads, dim=0).reshape(-1, *w.shape[1:])
 
 
+def memory_dt(memory: torch.Tensor, max_memory: float = 1024.0) -> torch.Tensor:
+    """Per-head dt whose exponential memory ``exp(-dt)`` per token has mean distance ``memory``
+    tokens (``exp(-dt) / (1 - exp(-dt)) = memory``), memory clamped to ``[0.5, max_memory]``."""
+    m = memory.double().clamp(0.5, max_memory)
+    return torch.log1p(1.0 / m).float()
+
+
 @torch.no_grad()
 def llama_to_mar(teacher: nn.Module, dt_init_range: tuple[float, float] = (0.3, 3.0), seed: int = 0,
+                 head_memory: torch.Tensor | None = None, normalize_memory: bool = False,
                  **config_overrides) -> MARForCausalLM:
     """A :class:`MARForCausalLM` (fp32) initialised from a Llama-family teacher; config fields
-    (e.g. ``neurons``, ``chunk_size``) can be overridden."""
+    (e.g. ``neurons``, ``chunk_size``) can be overridden.
+
+    ``head_memory [layers, heads]`` (tokens, e.g. the teacher's attention spans from
+    :func:`neuro_mar.evaluation.attention_span`) sets each head's dt so that its memory matches
+    (:func:`memory_dt`) instead of drawing dt from ``dt_init_range``. ``normalize_memory`` scales
+    each head's output (out_proj's columns) by ``1 - exp(-dt)``, so each head starts as an exponential moving average
+    whose weights sum to at most 1 whatever the memory length (without it a head of memory m sums
+    about m past inputs, and long memories start far from the teacher's normalised attention)."""
     base, layers = _layers(teacher)
     cfg = teacher.config
     mcfg = mar_config_from_llama(cfg, **config_overrides)
@@ -87,11 +102,14 @@ def llama_to_mar(teacher: nn.Module, dt_init_range: tuple[float, float] = (0.3, 
     heads, kv = cfg.num_attention_heads, cfg.num_key_value_heads
     f32 = lambda t: t.detach().float()  # noqa: E731
     gen = torch.Generator().manual_seed(seed)
+    if head_memory is not None and tuple(head_memory.shape) != (len(layers), heads):
+        raise ValueError(f"llama_to_mar: head_memory has shape {tuple(head_memory.shape)}, expected "
+                         f"[layers, heads] = [{len(layers)}, {heads}]")
     student.model.embed_tokens.weight.copy_(f32(base.embed_tokens.weight))
     student.model.norm.weight.copy_(f32(base.norm.weight))
     if not mcfg.tie_word_embeddings:
         student.lm_head.weight.copy_(f32(teacher.lm_head.weight))
-    for tl, sl in zip(layers, student.model.layers):
+    for li, (tl, sl) in enumerate(zip(layers, student.model.layers)):
         att, mix = tl.self_attn, sl.mixer
         d_inner, gn = mix.d_inner, mix.n_qk_heads * mix.d_state
         W = mix.in_proj.weight
@@ -106,7 +124,10 @@ def llama_to_mar(teacher: nn.Module, dt_init_range: tuple[float, float] = (0.3, 
                                    (slice(d_inner + gn, d_inner + 2 * gn), att.q_proj, False)):
                 if lin.bias is not None:
                     bias[rows] = _repeat_kv(f32(lin.bias), kv, heads) if rep else f32(lin.bias) / math.sqrt(mix.d_state)
-        mix.dt_bias.copy_(dt_bias_init(mix.n_v_heads, *dt_init_range, generator=gen))
+        if head_memory is None:
+            mix.dt_bias.copy_(dt_bias_init(mix.n_v_heads, *dt_init_range, generator=gen))
+        else:
+            mix.dt_bias.copy_(inverse_softplus(memory_dt(head_memory[li].float())))
         mix.z_bias.fill_(Z_STAR)
         mix.conv1d.weight.zero_()
         mix.conv1d.weight[:, 0, -1] = 1.0
@@ -118,6 +139,9 @@ def llama_to_mar(teacher: nn.Module, dt_init_range: tuple[float, float] = (0.3, 
             mix.out_proj.bias.zero_()
             if att.o_proj.bias is not None:
                 mix.out_proj.bias.copy_(f32(att.o_proj.bias))
+        if normalize_memory:  # y is linear in x (D = 0): scaling out_proj's columns scales each head's sum
+            gain = -torch.expm1(-torch.nn.functional.softplus(mix.dt_bias))  # 1 - exp(-dt), per head
+            mix.out_proj.weight *= gain.repeat_interleave(mix.headdim)[None, :]
         sl.input_layernorm.weight.copy_(f32(tl.input_layernorm.weight))
         sl.post_attention_layernorm.weight.copy_(f32(tl.post_attention_layernorm.weight))
         for name in ("gate_proj", "up_proj", "down_proj"):

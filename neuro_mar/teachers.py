@@ -80,6 +80,34 @@ def gguf_to_safetensors(gguf: Path, cache_dir: Path | None = None) -> Path:
     return final
 
 
+def _token_id(value):
+    """An id from a config field that may hold one id or a list of them (the first)."""
+    if isinstance(value, (list, tuple)):
+        value = value[0] if value else None
+    return value if isinstance(value, int) else None
+
+
+def align_special_tokens(tok, model):
+    """Give ``tok`` the model's own end-of-sequence and padding tokens.
+
+    A tokenizer rebuilt from a GGUF file takes its eos from the file's metadata, which for
+    SmolLM2-135M-Instruct names ``<|im_start|>`` (id 1), while the model's generation config ends
+    sequences and pads with id 2; documents joined with the wrong token teach the student a wrong
+    boundary. The generation config wins, then the model config; the pad token defaults to eos."""
+    gen = getattr(model, "generation_config", None)
+    eos = _token_id(getattr(gen, "eos_token_id", None)) if gen is not None else None
+    eos = eos if eos is not None else _token_id(getattr(model.config, "eos_token_id", None))
+    pad = _token_id(getattr(gen, "pad_token_id", None)) if gen is not None else None
+    pad = pad if pad is not None else _token_id(getattr(model.config, "pad_token_id", None))
+    n = len(tok)
+    if eos is not None and 0 <= eos < n and tok.eos_token_id != eos:
+        tok.eos_token = tok.convert_ids_to_tokens(eos)
+    pad = pad if pad is not None and 0 <= pad < n else tok.eos_token_id
+    if pad is not None and tok.pad_token_id != pad:
+        tok.pad_token = tok.convert_ids_to_tokens(pad)
+    return tok
+
+
 def load_teacher(spec: str = DEFAULT_TEACHER, dtype: torch.dtype = torch.float32, device=None):
     """Return ``(model, tokenizer)`` for ``spec``: ``"smollm2-135m"`` (default), a local Hugging
     Face model folder, or a ``.gguf`` file. The model is in eval mode."""
@@ -97,7 +125,7 @@ def load_teacher(spec: str = DEFAULT_TEACHER, dtype: torch.dtype = torch.float32
                 f"teacher {spec!r} is neither a known name ({', '.join(_WHEEL_TEACHERS)}), a .gguf file, "
                 "nor a local Hugging Face model folder with a config.json (nothing is downloaded)")
     model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, local_files_only=True)
-    tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    tok = align_special_tokens(AutoTokenizer.from_pretrained(str(folder), local_files_only=True), model)
     if device is not None:
         model = model.to(device)
     return model.eval(), tok

@@ -15,41 +15,51 @@ import torch
 
 from ..io_utils import atomic_torch_save
 
-#: Diverse built-in prompts for the teacher-generated default data.
-PROMPTS = [
-    "Write a short story about a lighthouse keeper who finds a message in a bottle.",
-    "Explain how photosynthesis works to a ten-year-old.",
-    "What are the main causes of the French Revolution?",
-    "Give three tips for learning a new programming language.",
-    "Describe the water cycle in a few sentences.",
-    "Write a polite email asking a colleague to review a document.",
-    "What is the difference between weather and climate?",
-    "Summarise the plot of a detective novel set in Victorian London.",
-    "How do vaccines help the immune system?",
-    "Write a recipe for a simple vegetable soup.",
-    "Why is the sky blue?",
-    "Describe a day in the life of a medieval farmer.",
-    "What are prime numbers and why are they important?",
-    "Give advice to someone preparing for a job interview.",
-    "Explain what a black hole is.",
-    "Write a poem about the changing seasons.",
-    "What should a traveller know before visiting Japan?",
-    "How does a bicycle stay upright when it moves?",
-    "Explain the rules of chess briefly.",
-    "What are the benefits of regular exercise?",
-    "Describe how a bill becomes a law.",
-    "Write a dialogue between a teacher and a curious student about the moon.",
-    "What is machine learning, in simple terms?",
-    "How do bees make honey?",
-    "Explain supply and demand with an example.",
-    "Describe the architecture of a Gothic cathedral.",
-    "What happened during the first moon landing?",
-    "Give a short history of the printing press.",
-    "How can cities reduce air pollution?",
-    "Write a thank-you note to a neighbour who helped you move.",
-    "Explain how electricity reaches a house.",
-    "What is the role of the heart in the human body?",
+#: Topics and instruction templates of the built-in prompts (every pair is one prompt).
+TOPICS = [
+    "a lighthouse keeper", "photosynthesis", "the French Revolution", "learning a programming language",
+    "the water cycle", "climate and weather", "a detective in Victorian London", "vaccines", "vegetable soup",
+    "the colour of the sky", "a medieval farmer", "prime numbers", "job interviews", "black holes",
+    "the changing seasons", "travelling in Japan", "how bicycles stay upright", "the rules of chess",
+    "regular exercise", "how a bill becomes a law", "the moon", "machine learning", "honey bees",
+    "supply and demand", "Gothic cathedrals", "the first moon landing", "the printing press",
+    "air pollution in cities", "moving house", "electricity in a home", "the human heart", "volcanoes",
+    "the Roman Empire", "coral reefs", "a small bakery", "the history of jazz", "saving money",
+    "a mountain village", "the immune system", "ancient Egypt", "renewable energy", "a lost dog",
+    "the invention of the telephone", "gardening in spring", "the stock market", "dinosaurs",
+    "a long train journey", "the Industrial Revolution", "friendship", "the ocean tides", "a chess tournament",
+    "Shakespeare's plays", "the solar system", "bread making", "the Silk Road", "earthquakes",
+    "a school science fair", "the internet", "elections", "rainforests", "a birthday party",
 ]
+TEMPLATES = [
+    "Write a short story about {t}.", "Explain {t} to a ten-year-old.", "What are the most important facts about {t}?",
+    "Write a paragraph for an encyclopedia article on {t}.", "Give three interesting questions about {t} and answer them.",
+    "Describe {t} in a few sentences.", "Write a news report about {t}.", "Summarise what historians or scientists say about {t}.",
+    "Write a letter to a friend about {t}.", "List the pros and cons of {t}.", "Write a poem about {t}.",
+    "Write a dialogue between two people discussing {t}.",
+]
+
+
+def builtin_prompts() -> list[str]:
+    """Every topic with every template: the instructions the teacher answers when no data is given."""
+    return [tpl.format(t=topic) for tpl in TEMPLATES for topic in TOPICS]
+
+
+def continuation_prompts(texts: list[str], n: int, seed: int, min_words: int = 8, max_words: int = 40) -> list[str]:
+    """``n`` prompts that are the opening words (``min_words`` to ``max_words``) of paragraphs drawn
+    at random from ``texts`` (paragraphs of at least 2 x ``max_words`` words; headings skipped)."""
+    import random
+
+    rng = random.Random(seed)
+    paras = [p.strip() for t in texts for p in t.split("\n") if len(p.split()) >= 2 * max_words
+             and not p.strip().startswith("=")]
+    if not paras:
+        return []
+    out = []
+    for _ in range(n):
+        words = rng.choice(paras).split()
+        out.append(" ".join(words[:rng.randint(min_words, max_words)]))
+    return out
 
 
 class DataError(ValueError):
@@ -101,6 +111,35 @@ def read_texts(path: str | Path, text_field: str = "text") -> list[str]:
     return texts
 
 
+WIKITEXT_MARKERS = (" @-@ ", " @,@ ", " @.@ ")
+
+
+def looks_like_wikitext(text: str) -> bool:
+    """Whether ``text`` carries WikiText's tokenisation (`` @-@ `` number separators and
+    `` = Title = `` headings)."""
+    head = text[:200_000]
+    return any(m in head for m in WIKITEXT_MARKERS) and "\n = " in head
+
+
+def clean_documents(texts: list[str], detokenize: str = "auto") -> list[str]:
+    """Documents ready to tokenise. ``detokenize``: ``"wikitext"`` splits each text into WikiText
+    pages (at `` = Title = `` headings) and undoes WikiText's tokenisation with lm-eval's
+    detokenizer, so the model trains on text as it is written (`` @-@ ``, spaces before
+    punctuation and inside brackets are artifacts no evaluation text has); ``"auto"`` does so for
+    texts that look like WikiText (:func:`looks_like_wikitext`); ``"none"`` keeps texts as they are."""
+    from ..evaluation.tasks import wikitext_detokenize, wikitext_pages
+
+    if detokenize not in ("auto", "wikitext", "none"):
+        raise DataError(f"detokenize must be auto, wikitext or none, got {detokenize!r}")
+    out = []
+    for t in texts:
+        if detokenize == "wikitext" or (detokenize == "auto" and looks_like_wikitext(t)):
+            out += [d for d in (wikitext_detokenize(p).strip() for p in wikitext_pages(t)) if d]
+        else:
+            out.append(t)
+    return out
+
+
 def tokenize_and_pack(texts: list[str], tokenizer, seq_len: int, max_tokens: int | None = None) -> torch.Tensor:
     """Tokenise texts (EOS between documents) and pack into ``[n, seq_len]`` rows (tail dropped)."""
     if seq_len < 2:
@@ -131,19 +170,41 @@ def split_heldout(rows: torch.Tensor, fraction: float = 0.1, min_rows: int = 1) 
 
 
 @torch.no_grad()
-def teacher_generated_texts(teacher, tokenizer, n_tokens: int, cache_dir: Path | None = None, max_new: int = 128,
-                            batch: int = 16, seed: int = 0, progress: bool = True) -> list[str]:
-    """The embedded default data: the teacher answers the built-in prompts (sampled, temperature
-    0.8) until about ``n_tokens`` tokens exist. Cached by teacher, size and seed."""
+def teacher_generated_texts(teacher, tokenizer, n_tokens: int, cache_dir: Path | None = None, max_new: int = 256,
+                            batch: int = 16, seed: int = 0, progress: bool = True, texts: list[str] | None = None,
+                            continuation_share: float = 0.75, temperature: float = 1.0, top_p: float = 0.95) -> list[str]:
+    """Text sampled from the teacher until about ``n_tokens`` tokens (prompt + sample) exist.
+
+    Prompts: with ``texts`` (the training data), a ``continuation_share`` of them are the opening
+    words of random paragraphs, continued as plain text; the rest (all without ``texts``) are the
+    built-in instructions (:func:`builtin_prompts`, shuffled), answered through the chat template.
+    Each document is the prompt followed by the teacher's sample as plain text, with no template
+    or system-prompt boilerplate. Sampling is batched (left padding; a static KV cache on CUDA) at
+    ``temperature`` with nucleus ``top_p``, seeded per batch, so the corpus is deterministic for a
+    seed on one device. Cached by teacher, settings and prompts."""
+    import random
+
     from ..teachers import cache_root
 
+    if n_tokens <= 0:
+        return []
+    rng = random.Random(seed)
+    instructions = builtin_prompts()
+    rng.shuffle(instructions)
+    n_docs = max(1, n_tokens // max(16, max_new // 2) + batch)  # an upper bound; generation stops at n_tokens
+    n_cont = int(round(n_docs * continuation_share)) if texts else 0
+    conts = continuation_prompts(texts, n_cont, seed) if n_cont else []
+    prompts = [("text", p) for p in conts] + [("chat", instructions[i % len(instructions)])
+                                              for i in range(n_docs - len(conts))]
+    rng.shuffle(prompts)
     key = hashlib.sha256(json.dumps([teacher.config.to_dict().get("_name_or_path", ""), teacher.config.vocab_size,
-                                     teacher.config.num_hidden_layers, n_tokens, max_new, seed]).encode()).hexdigest()[:16]
+                                     teacher.config.num_hidden_layers, n_tokens, max_new, seed, temperature, top_p,
+                                     batch, prompts]).encode()).hexdigest()[:16]
     path = (cache_dir or cache_root() / "generated") / f"teacher-text-{key}.pt"
     if path.is_file():
-        return torch.load(path)["texts"]
+        return torch.load(path, weights_only=True)["texts"]
     g = torch.Generator().manual_seed(seed)
-    texts: list[str] = []
+    out_texts: list[str] = []
     total = 0
     tokenizer.padding_side = "left"
     if tokenizer.pad_token_id is None:
@@ -152,26 +213,29 @@ def teacher_generated_texts(teacher, tokenizer, n_tokens: int, cache_dir: Path |
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=n_tokens, desc="generating default data with the teacher", unit="tok")
+        bar = tqdm(total=n_tokens, desc="sampling teacher text", unit="tok")
+    device = next(teacher.parameters()).device
+    extra = {"cache_implementation": "static"} if device.type == "cuda" else {}
     i = 0
-    while total < n_tokens:
-        prompts = [PROMPTS[(i + j) % len(PROMPTS)] for j in range(batch)]
+    while total < n_tokens and i < len(prompts):
+        chunk = prompts[i:i + batch]
         i += batch
-        chats = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                               add_generation_prompt=True) if tokenizer.chat_template else p
-                 for p in prompts]
-        enc = tokenizer(chats, return_tensors="pt", padding=True)
+        inputs = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                                add_generation_prompt=True)
+                  if kind == "chat" and tokenizer.chat_template else p for kind, p in chunk]
+        enc = tokenizer(inputs, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
         torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=g)))
-        out = teacher.generate(**enc.to(teacher.device), max_new_tokens=max_new, do_sample=True, temperature=0.8,
-                               top_p=0.95, pad_token_id=tokenizer.pad_token_id)
-        for row_in, row in zip(enc.input_ids, out):
-            gen = row[row_in.shape[0]:]
-            text = tokenizer.decode(row, skip_special_tokens=True)
-            texts.append(text)
-            total += int((gen != tokenizer.pad_token_id).sum()) + int((row_in != tokenizer.pad_token_id).sum())
+        out = teacher.generate(**enc, max_new_tokens=max_new, do_sample=True, temperature=temperature, top_p=top_p,
+                               pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, **extra)
+        gen = out[:, enc.input_ids.shape[1]:].cpu()
+        for (kind, p), row in zip(chunk, gen):
+            sample = tokenizer.decode(row, skip_special_tokens=True).strip()
+            doc = (p + " " + sample) if kind == "text" else (p + "\n\n" + sample)
+            out_texts.append(doc)
+            total += len(tokenizer(doc, add_special_tokens=False).input_ids)
         if bar is not None:
             bar.update(min(bar.total - bar.n, total - bar.n))
     if bar is not None:
         bar.close()
-    atomic_torch_save({"texts": texts, "prompts": PROMPTS}, path)
-    return texts
+    atomic_torch_save({"texts": out_texts, "prompts": [p for _, p in prompts[:i]]}, path)
+    return out_texts

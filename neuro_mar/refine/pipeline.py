@@ -31,7 +31,7 @@ from ..convert import llama_to_mar
 from ..io_utils import atomic_write_text
 from ..models import SITE_KINDS
 from ..ssm.discrete_mamba2 import mixing_matrix
-from .data import DataError, read_texts, split_heldout, teacher_generated_texts, tokenize_and_pack
+from .data import DataError, clean_documents, read_texts, split_heldout, teacher_generated_texts, tokenize_and_pack
 from .losses import feature_loss, sbds_logit_loss
 from .trainer import TrainConfig, Trainer, init_distributed, shutdown_distributed, world
 
@@ -43,6 +43,20 @@ class RefineConfig:
     text_field: str = "text"
     generated_tokens: int = 16384  # teacher-generated default data (and added to --data when > 0 and --mix)
     mix_generated: bool = False
+    # teacher sampling: tokens per sample, sequences per batch (0: 256 on a GPU, 16 on a CPU), the
+    # share of prompts that are openings of --data paragraphs (the rest: built-in instructions),
+    # temperature and nucleus
+    gen_max_new: int = 256
+    gen_batch: int = 0
+    gen_continuation_share: float = 0.75
+    gen_temperature: float = 1.0
+    gen_top_p: float = 0.95
+    detokenize: str = "auto"  # auto | wikitext | none: undo WikiText's tokenisation of --data (data.clean_documents)
+    # mixer initialisation: dt per head from the teacher's attention span ("teacher") or log-uniform
+    # in dt_range ("range"); normalize_memory starts each head as a normalised moving average
+    dt_init: str = "teacher"
+    dt_range: tuple = (0.3, 3.0)
+    normalize_memory: bool = True
     seq_len: int = 128
     max_tokens: int | None = None
     heldout_fraction: float = 0.1
@@ -84,6 +98,13 @@ class RefineConfig:
     eval_data: str | None = None
     eval_max_tokens: int = 65536  # 0: all of it
     eval_tasks: list = field(default_factory=list)
+    # the zero-shot suite (neuro_mar.evaluation) the report leads with: a suite name with the folder
+    # holding its files, and/or NAME=FILE tasks; documents per task (0 = all); model window
+    eval_suite: str | None = None
+    eval_suite_dir: str | None = None
+    eval_suite_tasks: list = field(default_factory=list)
+    eval_limit: int = 0
+    eval_max_length: int = 2048
     # Stage 2 again, from the same Stage-1 model, with these neurons (reported as ablations)
     ablation_neurons: list = field(default_factory=list)
     # > 0: time this many Stage-2 training steps with the fused kernels and with the PyTorch
@@ -243,6 +264,11 @@ def prepare(cfg: RefineConfig, progress: bool = True):
             load_multiple_choice(p)
         except (FileNotFoundError, ValueError) as err:
             raise RefineError(f"--eval-task: {err}") from None
+    suite_entries(cfg)  # every suite file read and checked now, not after training
+    if cfg.dt_init not in ("teacher", "range"):
+        raise RefineError(f"--dt-init must be teacher or range, got {cfg.dt_init!r}")
+    if cfg.detokenize not in ("auto", "wikitext", "none"):
+        raise RefineError(f"--detokenize must be auto, wikitext or none, got {cfg.detokenize!r}")
     try:
         teacher, tok = load_teacher(cfg.teacher)
     except FileNotFoundError as err:
@@ -256,18 +282,46 @@ def prepare(cfg: RefineConfig, progress: bool = True):
     texts = []
     for p in cfg.data:
         texts += read_texts(p, cfg.text_field)
+    texts = clean_documents(texts, cfg.detokenize)
     if not cfg.data or cfg.mix_generated:
         on_gpu = torch.cuda.is_available()
         if on_gpu:  # generate on the GPU; the teacher stays there for training (run_refine moves it anyway)
             teacher.to(torch.device("cuda", torch.cuda.current_device()))
         texts += teacher_generated_texts(teacher, tok, cfg.generated_tokens, progress=progress, seed=cfg.seed,
-                                         batch=64 if on_gpu else 16)
+                                         batch=cfg.gen_batch or (256 if on_gpu else 16), max_new=cfg.gen_max_new,
+                                         texts=texts or None, continuation_share=cfg.gen_continuation_share,
+                                         temperature=cfg.gen_temperature, top_p=cfg.gen_top_p)
     rows = tokenize_and_pack(texts, tok, cfg.seq_len, cfg.max_tokens)
     train, held = split_heldout(rows, cfg.heldout_fraction)
     if train.shape[0] < cfg.micro_batch:
         raise DataError(f"{train.shape[0]} training sequences of {cfg.seq_len} tokens are fewer than one micro-batch "
                         f"({cfg.micro_batch}); give more data or a smaller --seq-len")
     return teacher.float(), tok, train, held[: cfg.eval_rows]
+
+
+def init_student(cfg: RefineConfig, teacher, rows: torch.Tensor):
+    """``llama_to_mar(teacher)`` with the configured mixer initialisation; ``dt_init="teacher"``
+    measures each attention head's span on up to 4 of ``rows`` (at most 512 tokens each)."""
+    memory = None
+    if cfg.dt_init == "teacher":
+        from ..evaluation.probes import attention_span
+
+        ids = rows[:4, :512].to(next(teacher.parameters()).device)
+        memory, _ = attention_span(teacher, ids, min_position=ids.shape[1] // 2)
+    return llama_to_mar(teacher, dt_init_range=tuple(cfg.dt_range), head_memory=memory,
+                        normalize_memory=cfg.normalize_memory)
+
+
+def suite_entries(cfg: RefineConfig) -> list:
+    """The evaluation suite's entries (files read and checked), [] when none is configured."""
+    from ..evaluation import TaskFileError, load_suite
+
+    if not cfg.eval_suite and not cfg.eval_suite_tasks:
+        return []
+    try:
+        return load_suite(cfg.eval_suite, cfg.eval_suite_dir, cfg.eval_suite_tasks, cfg.eval_limit or None)
+    except TaskFileError as err:
+        raise RefineError(f"evaluation suite: {err}") from None
 
 
 def _tcfg(cfg: RefineConfig, steps: int, lr: float, seconds: float = 0.0) -> TrainConfig:
@@ -306,7 +360,7 @@ def run_refine(cfg: RefineConfig, out: str | Path, resume: bool = False, progres
     t_start = time.time()
     teacher, tok, train, held = prepare(cfg, progress=progress and rank == 0)
     torch.manual_seed(cfg.seed)
-    student = llama_to_mar(teacher)
+    student = init_student(cfg, teacher, train)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "refine_config.json", json.dumps(asdict(cfg), indent=2))
@@ -386,7 +440,7 @@ def run_refine(cfg: RefineConfig, out: str | Path, resume: bool = False, progres
     if rank == 0:
         _save_model(spiking, tok, out / "student")
         report = build_report(cfg, out, teacher, stage1, before, spiking, tok, held, timings, tokens,
-                              wall(), ablations=ablations, throughput=throughput)
+                              wall(), ablations=ablations, throughput=throughput, progress=progress)
         atomic_write_text(wall_file, json.dumps({"seconds": report["wall_seconds"]}))
     if distributed:
         shutdown_distributed()

@@ -89,13 +89,13 @@ def _guarded(rows: dict, key: str, fn) -> None:
 def _extended_eval(cfg, models: dict, teacher, tok) -> tuple[dict, dict]:
     """Perplexity, KL and agreement on ``cfg.eval_data`` and zero-shot accuracy on ``cfg.eval_tasks``
     for every model; returns (per-model rows, description of what was evaluated)."""
-    from .data import read_texts, tokenize_and_pack
+    from .data import clean_documents, read_texts, tokenize_and_pack
     from .evaluate import load_multiple_choice, score_multiple_choice
 
     rows = {name: {} for name in models}
     info = {}
     if cfg.eval_data:
-        ev = tokenize_and_pack(read_texts(cfg.eval_data, cfg.text_field), tok, cfg.seq_len,
+        ev = tokenize_and_pack(clean_documents(read_texts(cfg.eval_data, cfg.text_field), cfg.detokenize), tok, cfg.seq_len,
                                cfg.eval_max_tokens if cfg.eval_max_tokens > 0 else None)
         info["eval_data"] = {"file": str(cfg.eval_data), "tokens": int(ev.numel()), "seq_len": cfg.seq_len}
         for name, m in models.items():
@@ -115,8 +115,35 @@ def _extended_eval(cfg, models: dict, teacher, tok) -> tuple[dict, dict]:
     return rows, info
 
 
+def suite_report(cfg, models: dict, tok, progress: bool = False) -> dict | None:
+    """The zero-shot suite (``cfg.eval_suite`` / ``eval_suite_tasks``) for every model:
+    ``{"tasks": describe(...), "results": {model: {label: metrics}}, "kept": compare(...)}``
+    with the teacher as reference; None when no suite is configured. A model whose evaluation
+    fails is recorded under ``errors`` (the report is written whatever happens)."""
+    from ..evaluation import compare, describe, evaluate_suite
+    from .pipeline import suite_entries
+
+    entries = suite_entries(cfg)
+    if not entries:
+        return None
+    results, errors = {}, {}
+    for name, m in models.items():
+        cuda = next(m.parameters()).device.type == "cuda"
+        try:
+            results[name] = evaluate_suite(m, tok, entries, max_length=cfg.eval_max_length,
+                                           batch_tokens=32768 if cuda else 4096, progress=progress, model_name=name)
+        except Exception as err:  # noqa: BLE001 - recorded, see docstring
+            errors[name] = f"{type(err).__name__}: {str(err)[:300]}"
+    info = describe(entries)
+    out = {"tasks": info, "results": results, "max_length": cfg.eval_max_length,
+           "limit": cfg.eval_limit or None, "errors": errors}
+    if "teacher" in results:
+        out["kept"] = compare(results, info, "teacher")
+    return out
+
+
 def build_report(cfg, out: Path, teacher, stage1, before, student, tok, held, timings, tokens, wall,
-                 ablations: dict | None = None, throughput: dict | None = None) -> dict:
+                 ablations: dict | None = None, throughput: dict | None = None, progress: bool = False) -> dict:
     ablations = ablations or {}
     models = {"teacher": teacher, "stage1_ssm": stage1, "spiking_before_stage2": before, "spiking_student": student}
     models.update({f"ablation_{name}": m for name, m in ablations.items()})
@@ -126,6 +153,7 @@ def build_report(cfg, out: Path, teacher, stage1, before, student, tok, held, ti
         if name != "teacher":
             r.update(agreement(m, teacher, held))
         rows[name] = r
+    suite = suite_report(cfg, {k: v for k, v in models.items() if k != "spiking_before_stage2"}, tok, progress)
     extra, eval_info = _extended_eval(cfg, models, teacher, tok)
     for name, r in extra.items():
         rows[name].update(r)
@@ -135,7 +163,7 @@ def build_report(cfg, out: Path, teacher, stage1, before, student, tok, held, ti
         _, rate, e = _spiking_summary(m, held, cfg.energy_contexts)
         ablation_info[name] = {"mean_firing_rate": rate, "energy_per_token": e}
     plots = _plots(out, firing)
-    report = {"teacher": cfg.teacher, "neuron": cfg.neuron, "models": rows, "evaluation": eval_info,
+    report = {"teacher": cfg.teacher, "neuron": cfg.neuron, "suite": suite, "models": rows, "evaluation": eval_info,
               "firing_rates": firing, "mean_firing_rate": mean_rate, "energy_per_token": energy,
               "ablations": ablation_info, "throughput": throughput,
               "stage_seconds": timings, "stage_tokens": tokens, "wall_seconds": wall,
@@ -156,8 +184,21 @@ def _fmt(v, spec):
 def render_markdown(r: dict) -> str:
     lines = [f"# MAR refinement report", "",
              f"Teacher `{r['teacher']}`, neuron `{r['neuron']}`, held-out tokens {r['heldout_tokens']}, "
-             f"wall time {r['wall_seconds']:.0f} s.", "",
-             "| model | held-out perplexity | KL to teacher (nats/token) | top-1 agreement |", "|---|---|---|---|"]
+             f"wall time {r['wall_seconds']:.0f} s.", ""]
+    suite = r.get("suite")
+    if suite and suite.get("results"):
+        from ..evaluation import render_suite_table
+
+        lines += ["Zero-shot suite (lm-evaluation-harness definitions; accuracies in %, baseline = always the "
+                  "most frequent answer position; *kept* = share of the teacher's margin above the baseline, "
+                  "or the perplexity ratio to the teacher)"
+                  + (f", first {suite['limit']} documents per task" if suite.get("limit") else "") + ":", "",
+                  render_suite_table(suite["results"], suite["tasks"], "teacher" if "teacher" in suite["results"]
+                                     else None), ""]
+        for name, err in (suite.get("errors") or {}).items():
+            lines += [f"Suite evaluation of {name} failed: {err}", ""]
+    lines += ["Held-out split of the training data:", "",
+              "| model | held-out perplexity | KL to teacher (nats/token) | top-1 agreement |", "|---|---|---|---|"]
     for name, m in r["models"].items():
         lines.append(f"| {name} | {m['heldout_perplexity']:.2f} | {_fmt(m.get('kl_to_teacher'), '.4f')} | "
                      f"{_fmt(m.get('top1_agreement'), '.3f')} |")
