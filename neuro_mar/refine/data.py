@@ -200,7 +200,7 @@ def teacher_generated_texts(teacher, tokenizer, n_tokens: int, cache_dir: Path |
     key = hashlib.sha256(json.dumps([teacher.config.to_dict().get("_name_or_path", ""), teacher.config.vocab_size,
                                      teacher.config.num_hidden_layers, n_tokens, max_new, seed, temperature, top_p,
                                      batch, prompts]).encode()).hexdigest()[:16]
-    path = (cache_dir or cache_root() / "generated") / f"teacher-text-{key}.pt"
+    path = (Path(cache_dir) if cache_dir is not None else cache_root() / "generated") / f"teacher-text-{key}.pt"
     if path.is_file():
         return torch.load(path, weights_only=True)["texts"]
     g = torch.Generator().manual_seed(seed)

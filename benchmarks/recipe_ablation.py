@@ -1,0 +1,169 @@
+"""Where the teacher's ability goes, stage by stage, on the dev suite (one GPU, short budgets).
+
+One process: the teacher and the data are prepared once (as ``neuro-mar refine`` does), then
+
+1. the teacher on the dev suite, its LAMBADA accuracy with the context cut to the last N tokens,
+   and its attention span per head;
+2. each Stage-1 variant (``--variant NAME:key=value,...``, RefineConfig fields, e.g. the mixer
+   initialisation) from the same data and the same wall-time budgets for 1b and 1c: its head
+   memory before and after training, the dev suite, the cut-context probe;
+3. Stage 2 (ATMN, SBDS) from the Stage-1 model of each variant named in ``--stage2`` (with
+   overrides of its own, e.g. ``new:gamma=0.1``): the suite and the firing rate.
+
+Results are written after every phase (``recipe_ablation.json``, ``recipe_ablation.md``) under
+``--out``; the last line printed is the JSON summary. Usage on the GPU machine:
+
+    python3 -P benchmarks/recipe_ablation.py --data DIR/wikitext-2-raw/train.txt --suite-dir DIR \\
+        --variant "old:dt_init=range,normalize_memory=False" --variant new --stage2 new
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+
+def _value(text: str):
+    for conv in (int, float):
+        try:
+            return conv(text)
+        except ValueError:
+            pass
+    return {"True": True, "False": False, "None": None}.get(text, text)
+
+
+def parse_variant(spec: str) -> tuple[str, dict]:
+    name, _, rest = spec.partition(":")
+    over = {}
+    for item in filter(None, rest.split(",")):
+        k, _, v = item.partition("=")
+        over[k.strip()] = _value(v.strip())
+    return name, over
+
+
+def main(argv=None) -> dict:
+    from neuro_mar.evaluation import compare, describe, evaluate_suite, head_memory, load_suite, render_suite_table
+    from neuro_mar.evaluation.probes import attention_span
+    from neuro_mar.hardware_models.counting import measure_site_activity
+    from neuro_mar.io_utils import atomic_write_text
+    from neuro_mar.refine.pipeline import (PRESETS, RefineConfig, init_student, loss_1b, loss_1c, make_loss_2,
+                                           make_trainer, prepare)
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--data", action="append", required=True, help="training text (as refine --data)")
+    ap.add_argument("--suite-dir", required=True, help="folder of the dev suite's files")
+    ap.add_argument("--out", default=os.environ.get("OUT") or "benchmarks/results/recipe_ablation")
+    ap.add_argument("--work", default="/tmp/recipe_ablation_runs", help="trainer checkpoints and metrics")
+    ap.add_argument("--variant", action="append", default=None, help="NAME[:field=value,...] (repeatable)")
+    ap.add_argument("--stage2", action="append", default=[],
+                    help="VARIANT[:field=value,...]: Stage 2 from that Stage-1 variant, with these overrides")
+    ap.add_argument("--seconds-1b", type=float, default=40.0)
+    ap.add_argument("--seconds-1c", type=float, default=100.0)
+    ap.add_argument("--seconds-2", type=float, default=120.0)
+    ap.add_argument("--generated-tokens", type=int, default=262144)
+    ap.add_argument("--limit", type=int, default=0, help="documents per suite task (0 = all)")
+    ap.add_argument("--cut", type=int, nargs="*", default=[16, 32, 64], help="LAMBADA context cuts (tokens)")
+    ap.add_argument("--set", action="append", default=[], help="field=value for every run (RefineConfig)")
+    args = ap.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    common = dict(PRESETS["gpu"], data=args.data, generated_tokens=args.generated_tokens, ablation_neurons=[],
+                  throughput_steps=0, ckpt_every=100000)
+    for item in args.set:
+        k, _, v = item.partition("=")
+        common[k] = _value(v)
+    base = RefineConfig(**common)
+    variants = [parse_variant(v) for v in (args.variant or ["new"])]
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    results: dict = {"config": dataclasses.asdict(base), "variants": dict(variants), "seconds": {}, "models": {},
+                     "memory": {}, "cut_context": {}, "stage_tokens": {}, "firing_rate": {}}
+    t0 = time.time()
+
+    def save():
+        results["wall_seconds"] = time.time() - t0
+        atomic_write_text(out / "recipe_ablation.json", json.dumps(results, indent=2))
+        if "teacher" in results["models"]:
+            info = results["tasks"]
+            table = render_suite_table(results["models"], info, "teacher")
+            atomic_write_text(out / "recipe_ablation.md", table + "\n")
+            results["kept"] = compare(results["models"], info, "teacher")
+
+    teacher, tok, train, _ = prepare(base)
+    teacher.to(device).requires_grad_(False)
+    results["seconds"]["prepare"] = time.time() - t0
+    results["train_tokens"] = int(train.numel())
+    entries = load_suite("dev", args.suite_dir, None, args.limit or None)
+    results["tasks"] = describe(entries)
+    lambada = [e for e in entries if e.task.kind == "target"]
+    batch_tokens = 32768 if device.type == "cuda" else 4096
+
+    def evaluate(name, model):
+        t = time.time()
+        results["models"][name] = evaluate_suite(model, tok, entries, batch_tokens=batch_tokens, progress=True,
+                                                 model_name=name)
+        for n in args.cut:
+            for e in lambada:
+                r = evaluate_suite(model, tok, [e], batch_tokens=batch_tokens, context_tokens=n)[e.label]
+                results["cut_context"].setdefault(name, {})[str(n)] = r
+        results["seconds"][f"eval {name}"] = time.time() - t
+        save()
+        print(name, json.dumps({k: v for k, v in results["models"][name].items()}), flush=True)
+
+    evaluate("teacher", teacher)
+    ids = train[:4, :512].to(device)
+    span, sink = attention_span(teacher, ids, min_position=ids.shape[1] // 2)
+    results["memory"]["teacher_attention_span"] = span.tolist()
+    results["memory"]["teacher_sink_mass"] = sink.tolist()
+    stage1 = {}
+    for name, over in variants:
+        cfg = dataclasses.replace(base, **over)
+        torch.manual_seed(cfg.seed)
+        student = init_student(cfg, teacher, train).to(device)
+        results["memory"][f"{name}_init"] = head_memory(student, ids).tolist()
+        for st, fn, secs, lr in (("stage1b", loss_1b, args.seconds_1b, cfg.lr_1b),
+                                 ("stage1c", loss_1c, args.seconds_1c, cfg.lr_1c)):
+            t = time.time()
+            tr = make_trainer(cfg, f"{name}-{st}", student, teacher, fn, 100000, lr, secs, train, Path(args.work), device)
+            tr.run()
+            student = tr.result().student
+            results["seconds"][f"{name} {st}"] = time.time() - t
+            results["stage_tokens"][f"{name} {st}"] = tr.step * cfg.micro_batch * cfg.grad_accum * train.shape[1]
+        student.eval().requires_grad_(False)
+        results["memory"][f"{name}_stage1"] = head_memory(student, ids).tolist()
+        evaluate(f"{name} stage1", student)
+        stage1[name] = (cfg, student)
+    for spec in args.stage2:
+        name, over = parse_variant(spec)
+        cfg, s1 = stage1[name]
+        cfg = dataclasses.replace(cfg, **over)
+        name = spec
+        spiking = copy.deepcopy(s1).requires_grad_(True)
+        spiking.set_neurons(cfg.neuron, **cfg.neuron_options)
+        spiking.to(device)
+        spiking.calibrate_thresholds([train[:cfg.micro_batch].to(device)], percentile=cfg.calib_percentile)
+        t = time.time()
+        tr = make_trainer(cfg, f"{name}-stage2", spiking, s1, make_loss_2(cfg), 100000, cfg.lr_2, args.seconds_2,
+                          train, Path(args.work), device)
+        tr.run()
+        spiking = tr.result().student.eval()
+        results["seconds"][f"{name} stage2"] = time.time() - t
+        results["stage_tokens"][f"{name} stage2"] = tr.step * cfg.micro_batch * cfg.grad_accum * train.shape[1]
+        activity = measure_site_activity(spiking, [train[-2:].to(device)])
+        rates = [v["firing_rate"] for k, v in activity.items() if isinstance(k, tuple)]
+        results["firing_rate"][name] = sum(rates) / len(rates)
+        evaluate(f"{name} student", spiking)
+    save()
+    summary = {"kept": results.get("kept"), "wall_seconds": results["wall_seconds"]}
+    print(json.dumps(summary))
+    return results
+
+
+if __name__ == "__main__":
+    main()
