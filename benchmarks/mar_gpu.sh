@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # MAR on the default teacher (SmolLM2-135M-Instruct) on one GPU: Stage 1 + Stage 2 with the `gpu`
-# preset on WikiText-2 train plus teacher-generated text, then evaluation (WikiText-2 valid
-# perplexity / KL / agreement, ARC-Easy and ARC-Challenge dev, firing rates, energy at 512 and
+# preset on WikiText-2 train plus teacher-generated text, then evaluation (the dev suite of
+# docs/evaluation.md for teacher / Stage-1 / student, WikiText-2 valid perplexity / KL /
+# agreement, ARC-Easy and ARC-Challenge dev, firing rates, energy at 512 and
 # 4096, binary-neuron ablation, fused vs reference training throughput) in the same run.
 #
 # Usage (repository root, on the GPU machine):  bash benchmarks/mar_gpu.sh
-#   DATA=dir     holds wikitext-2-raw/{train,valid}.txt and arc/ARC-{Easy,Challenge}-validation.jsonl
-#                (default ../shared/data, else .data)
+#   DATA=dir     holds wikitext-2-raw/{train,valid}.txt, arc/ARC-{Easy,Challenge}-validation.jsonl and
+#                dev-tasks/ (the dev suite's files, docs/evaluation.md) (default ../shared/data, else .data)
 #   RESULTS=dir  where report.json/report.md/plots/log are copied (default $OUT or benchmarks/results/mar_gpu)
 #   RUN=dir      the run folder with the trained weights (default /tmp/mar_gpu_run; --resume continues it)
 #   EXTRA="..."  more `neuro-mar refine` flags, e.g. shorter budgets: "--seconds-1c 160 --seconds-2 200"
@@ -24,7 +25,8 @@ LOG="$RESULTS/refine.log"
 # the device tool re-syncs the working tree on every call and drops ignored folders a call does not
 # carry (.data/ vanished under a running job once): read the data from a copy outside the checkout
 mkdir -p /tmp/mar_gpu_data
-cp -r "$DATA/wikitext-2-raw" "$DATA/arc" /tmp/mar_gpu_data/ || { echo "no WikiText-2 / ARC under $DATA"; exit 1; }
+cp -r "$DATA/wikitext-2-raw" "$DATA/arc" "$DATA/dev-tasks" /tmp/mar_gpu_data/ \
+  || { echo "no WikiText-2 / ARC / dev-tasks under $DATA"; exit 1; }
 DATA=/tmp/mar_gpu_data
 NEED_TEACHER=1 source benchmarks/device_env.sh || exit 1
 
@@ -35,9 +37,8 @@ start=$(date +%s)
 # shellcheck disable=SC2086
 python3 -P -m neuro_mar refine --preset gpu --out "$RUN" $resume \
   --data "$DATA/wikitext-2-raw/train.txt" \
-  --eval-data "$DATA/wikitext-2-raw/valid.txt" \
-  --eval-task "$DATA/arc/ARC-Easy-validation.jsonl" \
-  --eval-task "$DATA/arc/ARC-Challenge-validation.jsonl" $EXTRA 2>&1 | tee "$LOG"
+  --eval-suite dev --eval-suite-dir "$DATA" \
+  --eval-data "$DATA/wikitext-2-raw/valid.txt" $EXTRA 2>&1 | tee "$LOG"
 rc=${PIPESTATUS[0]}
 echo "exit $rc after $(( $(date +%s) - start )) s" | tee -a "$LOG"
 for f in report.json report.md loss_curves.png firing_rates.png metrics.jsonl refine_config.json; do

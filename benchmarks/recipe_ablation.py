@@ -102,15 +102,16 @@ def main(argv=None) -> dict:
     entries = load_suite("dev", args.suite_dir, None, args.limit or None)
     results["tasks"] = describe(entries)
     lambada = [e for e in entries if e.task.kind == "target"]
-    batch_tokens = 32768 if device.type == "cuda" else 4096
+    batch_tokens, batch_size = (32768, 256) if device.type == "cuda" else (4096, 32)
 
     def evaluate(name, model):
         t = time.time()
-        results["models"][name] = evaluate_suite(model, tok, entries, batch_tokens=batch_tokens, progress=True,
-                                                 model_name=name)
+        results["models"][name] = evaluate_suite(model, tok, entries, batch_size=batch_size,
+                                                 batch_tokens=batch_tokens, progress=True, model_name=name)
         for n in args.cut:
             for e in lambada:
-                r = evaluate_suite(model, tok, [e], batch_tokens=batch_tokens, context_tokens=n)[e.label]
+                r = evaluate_suite(model, tok, [e], batch_size=batch_size, batch_tokens=batch_tokens,
+                                   context_tokens=n)[e.label]
                 results["cut_context"].setdefault(name, {})[str(n)] = r
         results["seconds"][f"eval {name}"] = time.time() - t
         save()

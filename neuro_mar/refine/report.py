@@ -131,7 +131,8 @@ def suite_report(cfg, models: dict, tok, progress: bool = False) -> dict | None:
         cuda = next(m.parameters()).device.type == "cuda"
         try:
             results[name] = evaluate_suite(m, tok, entries, max_length=cfg.eval_max_length,
-                                           batch_tokens=32768 if cuda else 4096, progress=progress, model_name=name)
+                                           batch_size=256 if cuda else 32, batch_tokens=32768 if cuda else 4096,
+                                           progress=progress, model_name=name)
         except Exception as err:  # noqa: BLE001 - recorded, see docstring
             errors[name] = f"{type(err).__name__}: {str(err)[:300]}"
     info = describe(entries)
