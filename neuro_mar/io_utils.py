@@ -39,3 +39,20 @@ def atomic_savefig(fig, path: str | Path, dpi: int = 110) -> None:
     """Save a matplotlib figure as PNG atomically."""
     with atomic_target(path, suffix=".png") as tmp:
         fig.savefig(tmp, dpi=dpi, format="png")
+
+
+def jsonl_objects(lines, path, error: type[Exception] = ValueError):
+    """``(line number, object)`` for each non-blank line of a JSON-lines file; a line that is not
+    valid JSON or not a JSON object raises ``error`` naming ``path`` and the line."""
+    import json
+
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise error(f"{path}:{i}: not valid JSON ({err.msg}); expected one JSON object per line") from None
+        if not isinstance(obj, dict):
+            raise error(f"{path}:{i}: a line holds {type(obj).__name__}, not a JSON object")
+        yield i, obj

@@ -52,6 +52,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..io_utils import jsonl_objects
+
 
 class TaskFileError(ValueError):
     """A task file that cannot be read: the message names the file and what was expected."""
@@ -140,18 +142,7 @@ def _records(path: Path) -> list[dict]:
         if not isinstance(recs, list) or not all(isinstance(r, dict) for r in recs):
             raise TaskFileError(f"{path}: a .json task file must hold an array of objects")
         return recs
-    recs = []
-    for i, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise TaskFileError(f"{path}:{i}: not valid JSON ({err.msg}); task files hold one JSON object per line") from None
-        if not isinstance(rec, dict):
-            raise TaskFileError(f"{path}:{i}: a line holds {type(rec).__name__}, not a JSON object")
-        recs.append(rec)
-    return recs
+    return [rec for _, rec in jsonl_objects(text.splitlines(), path, TaskFileError)]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from ..io_utils import atomic_torch_save
+from ..io_utils import atomic_torch_save, jsonl_objects
 
 #: Topics and instruction templates of the built-in prompts (every pair is one prompt).
 TOPICS = [
@@ -85,13 +85,7 @@ def read_texts(path: str | Path, text_field: str = "text") -> list[str]:
     elif p.suffix == ".jsonl":
         texts = []
         with open(p) as fh:
-            for i, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise DataError(f"{p}:{i}: not valid JSON ({err.msg})") from None
+            for i, obj in jsonl_objects(fh, p, DataError):
                 if text_field not in obj:
                     raise DataError(f"{p}:{i}: no field {text_field!r} (fields: {sorted(obj)}); pass --text-field")
                 texts.append(str(obj[text_field]))
