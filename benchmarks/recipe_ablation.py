@@ -14,7 +14,8 @@ Results are written after every phase (``recipe_ablation.json``, ``recipe_ablati
 ``--out``; the last line printed is the JSON summary. Usage on the GPU machine:
 
     python3 -P benchmarks/recipe_ablation.py --data DIR/wikitext-2-raw/train.txt --suite-dir DIR \\
-        --variant "old:dt_init=range,normalize_memory=False" --variant new --stage2 new
+        --variant "old:dt_init=range,normalize_memory=False" \
+        --variant "new:dt_init=teacher,normalize_memory=True" --stage2 new --stage2 old
 """
 from __future__ import annotations
 
@@ -80,7 +81,8 @@ def main(argv=None) -> dict:
         k, _, v = item.partition("=")
         common[k] = _value(v)
     base = RefineConfig(**common)
-    variants = [parse_variant(v) for v in (args.variant or ["new"])]
+    variants = [parse_variant(v) for v in (args.variant or ["range:dt_init=range,normalize_memory=False",
+                                                             "teacher:dt_init=teacher,normalize_memory=True"])]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     results: dict = {"config": dataclasses.asdict(base), "variants": dict(variants), "seconds": {}, "models": {},
                      "memory": {}, "cut_context": {}, "stage_tokens": {}, "firing_rate": {}}
