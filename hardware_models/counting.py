@@ -101,6 +101,7 @@ def student_rows(cfg, activity: dict | None = None, memory: bool = False, weight
     p = d_inner // h
     conv_dim = d_inner + 2 * g * n
     fan = site_fanout(cfg)
+    gain = getattr(cfg, "ssm_input_gain", "none") == "zoh"  # x scaled by 1 - exp(-dt): h*p mul, h exp, h add
     rows: list[Row] = []
     for layer in range(L):
         for kind, (din, dout) in fan.items():
@@ -113,7 +114,8 @@ def student_rows(cfg, activity: dict | None = None, memory: bool = False, weight
                                  neuron_update=a["elements"] * a["T"], dense_macs=din * dout, mem_bytes=mem))
         rows.append(_row(layer, "conv", mac=conv_dim * cfg.d_conv, add=conv_dim, act=conv_dim,
                          mem_bytes=(2 * conv_dim * (cfg.d_conv - 1) * 4 if memory else 0)))
-        rows.append(_row(layer, "scan", mul=h * p * n + h * p, mac=2 * h * p * n + h * p, add=h, act=2 * h,
+        rows.append(_row(layer, "scan", mul=h * p * n + h * p + gain * h * p, mac=2 * h * p * n + h * p,
+                         add=h + gain * h, act=2 * h + gain * h,
                          mem_bytes=(2 * h * p * n * 4 if memory else 0)))
         rows.append(_row(layer, "gating", add=d_inner, act=d_inner + f, mul=d_inner + f))
         rows.append(_row(layer, "norms+residual", mac=2 * d, mul=4 * d, act=2, add=2 * d))

@@ -449,7 +449,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--dt-range", nargs=2, type=float, metavar=("MIN", "MAX"),
                    help="dt range for --dt-init range (default 0.3 3.0: a memory of 0.3 to 3 tokens)")
     r.add_argument("--normalize-memory", action=argparse.BooleanOptionalAction, default=None,
-                   help="start each mixer head as a normalised moving average (default off)")
+                   help="start each mixer head as a normalised moving average, gain fixed at initialisation "
+                        "(default off)")
+    r.add_argument("--ssm-input-gain", choices=["none", "zoh"],
+                   help="zoh: the mixer scales x_t by 1 - exp(-dt_t), so each head is a normalised moving "
+                        "average whatever dt does (default none: Discrete Mamba-2)")
     r.add_argument("--features", choices=["pre", "post", "both"], help="SBDS feature position (paper: pre)")
     r.add_argument("--stage2-teacher", choices=["stage1", "teacher"], help="distil Stage 2 from (default stage1)")
     r.set_defaults(func=_cmd_refine)

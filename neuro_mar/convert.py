@@ -90,10 +90,15 @@ def llama_to_mar(teacher: nn.Module, dt_init_range: tuple[float, float] = (0.3, 
     (:func:`memory_dt`) instead of drawing dt from ``dt_init_range``. ``normalize_memory`` scales
     each head's output (out_proj's columns) by ``1 - exp(-dt)``, so each head starts as an exponential moving average
     whose weights sum to at most 1 whatever the memory length (without it a head of memory m sums
-    about m past inputs, and long memories start far from the teacher's normalised attention)."""
+    about m past inputs, and long memories start far from the teacher's normalised attention). The
+    gain is fixed from the initial dt; ``ssm_input_gain="zoh"`` (a config field) normalises with
+    the input-dependent dt instead, in the mixer itself (the two are exclusive)."""
     base, layers = _layers(teacher)
     cfg = teacher.config
     mcfg = mar_config_from_llama(cfg, **config_overrides)
+    if normalize_memory and mcfg.ssm_input_gain != "none":
+        raise ValueError(f"llama_to_mar: ssm_input_gain={mcfg.ssm_input_gain!r} already normalises every head's "
+                         "memory; normalize_memory would scale it twice")
     if mcfg.d_state != (getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads) or \
             mcfg.n_qk_heads != cfg.num_attention_heads or mcfg.n_v_heads != cfg.num_attention_heads:
         raise ValueError("llama_to_mar: d_state, n_qk_heads and n_v_heads must match the teacher's attention "

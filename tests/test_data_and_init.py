@@ -136,3 +136,15 @@ def test_mixer_memory_from_the_teachers_spans():
     assert math.isclose(float(memory_dt(torch.tensor(1.0))), math.log(2), rel_tol=1e-6)
     with pytest.raises(ValueError, match="head_memory has shape"):
         llama_to_mar(teacher, head_memory=torch.ones(3, 4))
+
+
+def test_zoh_gain_and_the_fixed_gain_are_exclusive():
+    teacher = tiny_llama()
+    s = llama_to_mar(teacher, head_memory=torch.full((2, 4), 50.0), ssm_input_gain="zoh")
+    assert s.config.ssm_input_gain == "zoh" and all(l.mixer.input_gain == "zoh" for l in s.model.layers)
+    with pytest.raises(ValueError, match="scale it twice"):
+        llama_to_mar(teacher, normalize_memory=True, ssm_input_gain="zoh")
+    from neuro_mar.models import MARConfig
+
+    with pytest.raises(ValueError, match="ssm_input_gain must be"):
+        MARConfig(ssm_input_gain="euler")

@@ -124,3 +124,18 @@ def test_energy_report_and_simulator_count_the_same_cores(target):
         # (the memory lower bound is ceil(32 * 100 * 8 / 2240) = 12 synapse cores)
         assert site_fanout(m.config)["mixer.in"] == (32, 100)
         assert counted["per_layer"]["mixer.in"]["cores"] == 14
+
+
+def test_executor_follows_the_zoh_input_gain():
+    from neuro_mar.hardware_models.counting import student_rows
+
+    m = tiny_mar(seed=2, neurons={k: "atmn" for k in SITE_KINDS}, ssm_input_gain="zoh").double()
+    ids = torch.randint(3, 97, (1, 10), generator=torch.Generator().manual_seed(2))
+    m.calibrate_thresholds([ids])
+    logits = EventDrivenExecutor(m, "loihi", model_weight_bits=8).run(ids[0])
+    torch.testing.assert_close(logits, m(ids).logits[0], rtol=1e-10, atol=1e-10)
+    plain = tiny_mar(seed=2).config
+    scan = lambda cfg: [r for r in student_rows(cfg) if r.part == "scan"][0]  # noqa: E731
+    h, p = plain.n_v_heads, plain.expand * plain.hidden_size // plain.n_v_heads
+    assert scan(m.config).get("mul") - scan(plain).get("mul") == h * p
+    assert scan(m.config).get("act") - scan(plain).get("act") == h

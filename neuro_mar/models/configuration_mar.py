@@ -5,6 +5,9 @@ from transformers import PretrainedConfig
 
 #: The four spike sites of every layer, in the naming of the trace files (``L03.mixer.in``).
 SITE_KINDS = ("mixer.in", "mixer.out", "mlp.in", "mlp.down")
+#: How the mixer scales x before the scan: "none" (Discrete Mamba-2: S_t = a_t S + x_t B_t^T) or
+#: "zoh" (x_t scaled by 1 - a_t, a_t = exp(-dt_t): every head's state is a normalised moving average).
+SSM_INPUT_GAINS = ("none", "zoh")
 
 
 class MARConfig(PretrainedConfig):
@@ -14,7 +17,7 @@ class MARConfig(PretrainedConfig):
     ``rms_norm_eps``, ``tie_word_embeddings``, ``hidden_act``) keep their meaning. Mixer fields:
     ``d_state`` (n), ``n_qk_heads`` (B/C groups), ``n_v_heads`` (heads of x), ``d_conv``,
     ``expand`` (d_inner = expand * hidden_size), ``chunk_size``, ``scan_backend``
-    (``auto``/``chunked``/``naive``/``mamba_ssm``).
+    (``auto``/``chunked``/``naive``/``mamba_ssm``), ``ssm_input_gain`` (:data:`SSM_INPUT_GAINS`).
 
     Neurons: ``neurons`` maps each site kind (:data:`SITE_KINDS`) to a registry name
     (``"dense"`` everywhere is the Stage-1 model), ``neuron_options`` maps kinds to constructor
@@ -29,7 +32,7 @@ class MARConfig(PretrainedConfig):
                  rms_norm_eps=1e-5, tie_word_embeddings=True, hidden_act="silu", initializer_range=0.02,
                  d_state=64, n_qk_heads=9, n_v_heads=9, d_conv=4, expand=1, chunk_size=64,
                  mixer_bias=False, conv_bias=True, mlp_bias=False, dt_min=1e-3, dt_max=0.1,
-                 scan_backend="auto", neurons=None, neuron_options=None, site_neurons=None,
+                 scan_backend="auto", ssm_input_gain="none", neurons=None, neuron_options=None, site_neurons=None,
                  use_cache=True, bos_token_id=1, eos_token_id=2, pad_token_id=None, **kwargs):
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
@@ -50,6 +53,9 @@ class MARConfig(PretrainedConfig):
         self.dt_min = dt_min
         self.dt_max = dt_max
         self.scan_backend = scan_backend
+        if ssm_input_gain not in SSM_INPUT_GAINS:
+            raise ValueError(f"ssm_input_gain must be one of {SSM_INPUT_GAINS}, got {ssm_input_gain!r}")
+        self.ssm_input_gain = ssm_input_gain
         neurons = dict(neurons or {})
         unknown = set(neurons) - set(SITE_KINDS)
         if unknown:

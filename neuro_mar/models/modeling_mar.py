@@ -80,7 +80,8 @@ class MARBlock(nn.Module):
             n_v_heads=config.n_v_heads, d_conv=config.d_conv, expand=config.expand,
             chunk_size=config.chunk_size, bias=config.mixer_bias, conv_bias=config.conv_bias,
             dt_min=config.dt_min, dt_max=config.dt_max, neuron_in=in_name, neuron_out=out_name,
-            neuron_in_options=in_opts, neuron_out_options=out_opts, scan_backend=config.scan_backend)
+            neuron_in_options=in_opts, neuron_out_options=out_opts, scan_backend=config.scan_backend,
+            input_gain=getattr(config, "ssm_input_gain", "none"))
         self.post_attention_layernorm = MARRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MARMLP(config, layer_idx)
 

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from ..convert import llama_to_mar
 from ..io_utils import atomic_write_text
 from ..models import SITE_KINDS
+from ..models.configuration_mar import SSM_INPUT_GAINS
 from ..ssm.discrete_mamba2 import mixing_matrix
 from .data import DataError, clean_documents, read_texts, split_heldout, teacher_generated_texts, tokenize_and_pack
 from .losses import feature_loss, sbds_logit_loss
@@ -59,6 +60,7 @@ class RefineConfig:
     dt_init: str = "range"
     dt_range: tuple = (0.3, 3.0)
     normalize_memory: bool = False
+    ssm_input_gain: str = "none"  # "zoh": x scaled by 1 - exp(-dt_t) in the mixer (MARConfig.ssm_input_gain)
     seq_len: int = 128
     max_tokens: int | None = None
     heldout_fraction: float = 0.1
@@ -269,6 +271,10 @@ def prepare(cfg: RefineConfig, progress: bool = True):
     suite_entries(cfg)  # every suite file read and checked now, not after training
     if cfg.dt_init not in ("teacher", "range"):
         raise RefineError(f"--dt-init must be teacher or range, got {cfg.dt_init!r}")
+    if cfg.ssm_input_gain not in SSM_INPUT_GAINS:
+        raise RefineError(f"--ssm-input-gain must be one of {', '.join(SSM_INPUT_GAINS)}, got {cfg.ssm_input_gain!r}")
+    if cfg.normalize_memory and cfg.ssm_input_gain != "none":
+        raise RefineError("--normalize-memory and --ssm-input-gain zoh both normalise the mixer's memory; choose one")
     if cfg.detokenize not in ("auto", "wikitext", "none"):
         raise RefineError(f"--detokenize must be auto, wikitext or none, got {cfg.detokenize!r}")
     try:
@@ -311,7 +317,7 @@ def init_student(cfg: RefineConfig, teacher, rows: torch.Tensor):
         ids = rows[:4, :512].to(next(teacher.parameters()).device)
         memory, _ = attention_span(teacher, ids, min_position=ids.shape[1] // 2)
     return llama_to_mar(teacher, dt_init_range=tuple(cfg.dt_range), head_memory=memory,
-                        normalize_memory=cfg.normalize_memory)
+                        normalize_memory=cfg.normalize_memory, ssm_input_gain=cfg.ssm_input_gain)
 
 
 def suite_entries(cfg: RefineConfig) -> list:

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from ..hardware_models.targets import CostTable, get_target
 from ..io_utils import atomic_savefig
-from ..ssm.discrete_mamba2 import MixerState
+from ..ssm.discrete_mamba2 import MixerState, scan_input
 from .mapping import Mapping, map_onto_cores
 
 #: Loihi's routing costs (Davies et al., IEEE Micro 2018, Table 2): spike within a tile, per tile hop
@@ -157,7 +157,8 @@ class EventDrivenExecutor:
         C = C.view(mix.n_qk_heads, N).repeat_interleave(rep, 0)
         x = x.view(H, P)
         dt = F.softplus(A_log.to(state.ssm.dtype) + mix.dt_bias.to(state.ssm.dtype))
-        S = torch.exp(-dt)[:, None, None] * state.ssm[0] + x.to(state.ssm.dtype)[:, :, None] * B.to(state.ssm.dtype)[:, None, :]
+        xs = scan_input(x[None, None], dt[None, None], mix.input_gain)[0, 0]
+        S = torch.exp(-dt)[:, None, None] * state.ssm[0] + xs.to(state.ssm.dtype)[:, :, None] * B.to(state.ssm.dtype)[:, None, :]
         y = (S * C.to(state.ssm.dtype)[:, None, :]).sum(-1).to(x.dtype) + mix.D.to(x.dtype)[:, None] * x
         g = y.reshape(-1) * F.silu(z + mix.z_bias)
         out = self._linear(i, "mixer.out", mix.out_site, g, mix.out_proj)

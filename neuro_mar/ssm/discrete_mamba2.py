@@ -2,7 +2,9 @@
 
     u [b, l, d_model] -> in_site -> in_proj -> [xBC | z | A_log]
     xBC -> causal depthwise conv (kernel d_conv) -> SiLU -> x [b,l,h,p], B, C [b,l,g,n]
-    dt = softplus(A_log + dt_bias), A = -1:  S_t = exp(-dt_t) S_{t-1} + x_t B_t^T,  y_t = S_t C_t + D x_t
+    dt = softplus(A_log + dt_bias), A = -1:  S_t = exp(-dt_t) S_{t-1} + g_t x_t B_t^T,  y_t = S_t C_t + D x_t
+    g_t = 1 (``input_gain="none"``, Discrete Mamba-2) or 1 - exp(-dt_t) (``"zoh"``: the weights of
+    every head's moving average sum to at most 1, whatever its memory length)
     out = out_proj(out_site(y * silu(z + z_bias)))
 
 h = n_v_heads, g = n_qk_heads, n = d_state, p = d_inner / h. ``dt_bias`` (per head, [ours]) is
@@ -37,6 +39,14 @@ class MixerState:
     ssm: torch.Tensor
 
 
+def scan_input(x: torch.Tensor, dt: torch.Tensor, input_gain: str) -> torch.Tensor:
+    """x as the scan takes it: ``x [b, l, h, p]`` itself, or scaled per head and token by
+    ``1 - exp(-dt) [b, l, h]`` (``"zoh"``), computed in dt's precision, returned in x's dtype."""
+    if input_gain == "none":
+        return x
+    return (x.to(dt.dtype) * (-torch.expm1(-dt))[..., None]).to(x.dtype)
+
+
 def inverse_softplus(y: torch.Tensor) -> torch.Tensor:
     return y + torch.log(-torch.expm1(-y))
 
@@ -52,8 +62,12 @@ class DiscreteMamba2(nn.Module):
                  d_conv: int = 4, expand: int = 1, chunk_size: int = 64, bias: bool = False,
                  conv_bias: bool = True, dt_min: float = 1e-3, dt_max: float = 0.1,
                  neuron_in: str = "dense", neuron_out: str = "dense", neuron_in_options: dict | None = None,
-                 neuron_out_options: dict | None = None, scan_backend: str | None = None):
+                 neuron_out_options: dict | None = None, scan_backend: str | None = None,
+                 input_gain: str = "none"):
         super().__init__()
+        if input_gain not in ("none", "zoh"):
+            raise ValueError(f"input_gain must be 'none' or 'zoh', got {input_gain!r}")
+        self.input_gain = input_gain
         self.d_model, self.d_state, self.d_conv = d_model, d_state, d_conv
         self.d_inner = expand * d_model
         self.n_qk_heads, self.n_v_heads = n_qk_heads, n_v_heads
@@ -128,10 +142,11 @@ class DiscreteMamba2(nn.Module):
         acc = torch.float64 if A_log.dtype == torch.float64 else torch.float32
         dt = F.softplus(A_log.to(acc) + self.dt_bias.to(acc))
         init = state.ssm if state is not None else None
+        xs = scan_input(x, dt, self.input_gain)
         if l == 1 and init is not None:
-            y, ssm_state = ssd_naive(x, -dt, B, C, init)  # one decode step: the recurrence itself
+            y, ssm_state = ssd_naive(xs, -dt, B, C, init)  # one decode step: the recurrence itself
         else:
-            y, ssm_state = ssd_scan(x, -dt, B, C, init, self.chunk_size, backend or self.scan_backend)
+            y, ssm_state = ssd_scan(xs, -dt, B, C, init, self.chunk_size, backend or self.scan_backend)
         y = y + self.D.to(y.dtype)[:, None] * x
         y = y.reshape(b, l, self.d_inner)
         out = self.out_proj(self.out_site(y * F.silu(z + self.z_bias.to(z.dtype))))
@@ -151,7 +166,8 @@ class DiscreteMamba2(nn.Module):
 
 def mixing_matrix(mixer: DiscreteMamba2, u: torch.Tensor) -> torch.Tensor:
     """The mixer's materialised sequence-mixing matrix ``[b, h, l, l]`` for input ``u [b, l, d]``:
-    ``M[t, s] = (C_t . B_s) * exp(-sum_{k=s+1..t} dt_k)`` for s <= t (0 above the diagonal) - the
+    ``M[t, s] = (C_t . B_s) * exp(-sum_{k=s+1..t} dt_k) * g_s`` for s <= t (0 above the diagonal;
+    ``g_s`` the input gain, 1 without one) - the
     SSD counterpart of an attention matrix (MOHAWK's matrix orientation aligns the two). The
     spike sites and the D skip are left out."""
     b, l, _ = u.shape
@@ -168,4 +184,6 @@ def mixing_matrix(mixer: DiscreteMamba2, u: torch.Tensor) -> torch.Tensor:
     decay = cum[..., :, None] - cum[..., None, :]
     mask = torch.tril(torch.ones(l, l, dtype=torch.bool, device=u.device))
     decay = torch.exp(decay.masked_fill(~mask, float("-inf")))
+    if mixer.input_gain == "zoh":
+        decay = decay * (-torch.expm1(-dt)).permute(0, 2, 1)[:, :, None, :]
     return torch.einsum("bthn,bshn->bhts", C, B) * decay
