@@ -185,7 +185,7 @@ def wikitext_pages(raw: str) -> list[str]:
     return pages
 
 
-def _hellaswag_preprocess(text: str) -> str:
+def hellaswag_preprocess(text: str) -> str:
     text = text.strip().replace(" [title]", ". ")
     text = re.sub("\\[.*?\\]", "", text)
     return text.replace("  ", " ")
@@ -235,8 +235,8 @@ def _piqa(r):
 
 def _hellaswag(r):
     ctx = r["ctx_a"] + " " + r["ctx_b"].capitalize() if "ctx_a" in r else r["ctx"]
-    return _choices(_hellaswag_preprocess(r["activity_label"] + ": " + ctx),
-                    [_hellaswag_preprocess(e) for e in r["endings"]], int(r["label"]))
+    return _choices(hellaswag_preprocess(r["activity_label"] + ": " + ctx),
+                    [hellaswag_preprocess(e) for e in r["endings"]], int(r["label"]))
 
 
 def _winogrande(r):

@@ -1,9 +1,10 @@
 """Evaluation: held-out perplexity, agreement with a teacher, zero-shot multiple choice.
 
-Multiple choice is scored the way lm-evaluation-harness scores it: the log-likelihood of each
-answer continuation after the question context (context and continuation tokenised together and
-split, no special tokens), ``acc`` = argmax of the sum, ``acc_norm`` = argmax of the sum divided
-by the continuation's length in characters. Formats (jsonl, one item per line):
+Multiple choice is scored the way lm-evaluation-harness scores it (by the zero-shot suite's
+request engine, :mod:`neuro_mar.evaluation`, which has every task; this module keeps the
+``--eval-task`` files): the log-likelihood of each answer continuation after the question context,
+``acc`` = argmax of the sum, ``acc_norm`` = argmax of the sum divided by the continuation's length
+in characters. Formats (jsonl, one item per line):
 
 * ARC:       ``question``, ``choices: {text, label}``, ``answerKey``; context ``"Question: {q}\\nAnswer:"``
 * PIQA:      ``goal``, ``sol1``, ``sol2``, ``label``; context ``"Question: {goal}\\nAnswer:"``
@@ -13,12 +14,12 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from ..evaluation.tasks import hellaswag_preprocess
 from ..kernels.sbds_ref import kl as forward_kl  # KL(teacher || student) per position
 
 
@@ -56,12 +57,6 @@ def agreement(student, teacher, rows: torch.Tensor, batch: int = 8) -> dict:
 # ---------------------------------------------------------------------------------------------
 # multiple choice
 # ---------------------------------------------------------------------------------------------
-def _hellaswag_preprocess(text: str) -> str:
-    text = text.strip().replace(" [title]", ". ")
-    text = re.sub("\\[.*?\\]", "", text)
-    return text.replace("  ", " ")
-
-
 def load_multiple_choice(path: str | Path) -> list[dict]:
     """Items ``{"context", "choices", "gold"}`` from a jsonl file in ARC, PIQA or HellaSwag format."""
     path = Path(path)
@@ -82,8 +77,8 @@ def load_multiple_choice(path: str | Path) -> list[dict]:
         elif "endings" in d:  # HellaSwag
             ctx = d["ctx"] if "ctx" in d else d["ctx_a"] + " " + d["ctx_b"].capitalize()
             prefix = f"{d['activity_label']}: " if d.get("activity_label") else ""
-            items.append({"context": _hellaswag_preprocess(prefix + ctx),
-                          "choices": [_hellaswag_preprocess(e) for e in d["endings"]], "gold": int(d["label"])})
+            items.append({"context": hellaswag_preprocess(prefix + ctx),
+                          "choices": [hellaswag_preprocess(e) for e in d["endings"]], "gold": int(d["label"])})
         else:
             raise ValueError(f"{path}:{i}: unknown multiple-choice format (expected ARC question/choices/answerKey, "
                              "PIQA goal/sol1/sol2/label or HellaSwag ctx/endings/label)")
@@ -92,51 +87,19 @@ def load_multiple_choice(path: str | Path) -> list[dict]:
     return items
 
 
-def _encode_pair(tokenizer, context: str, continuation: str):
-    n_space = len(context) - len(context.rstrip())
-    if n_space:
-        continuation = context[-n_space:] + continuation
-        context = context[:-n_space]
-    whole = tokenizer(context + continuation, add_special_tokens=False).input_ids
-    ctx = tokenizer(context, add_special_tokens=False).input_ids
-    return ctx, whole[len(ctx):]
-
-
 @torch.no_grad()
 def score_multiple_choice(model, tokenizer, items: list[dict], batch: int = 16, max_len: int = 1024,
                           progress: bool = False) -> dict:
-    """acc and acc_norm (lm-evaluation-harness definitions) of ``model`` on ``items``."""
-    model.eval()
-    reqs = []  # (item index, choice index, context ids, continuation ids)
-    for i, it in enumerate(items):
-        for j, ch in enumerate(it["choices"]):
-            c, k = _encode_pair(tokenizer, it["context"], " " + ch)
-            reqs.append((i, j, c, k))
-    ll = {}
-    order = sorted(range(len(reqs)), key=lambda r: -(len(reqs[r][2]) + len(reqs[r][3])))
-    iterator = range(0, len(order), batch)
-    if progress:
-        from tqdm.auto import tqdm
+    """acc and acc_norm (lm-evaluation-harness definitions) of ``model`` on ``items``, scored by
+    :class:`neuro_mar.evaluation.Scorer` (the zero-shot suite's request engine)."""
+    from ..evaluation.scorer import Scorer
 
-        iterator = tqdm(iterator, desc="scoring", unit="batch")
-    for b in iterator:
-        chunk = [reqs[r] for r in order[b:b + batch]]
-        seqs = [(c + k)[-(max_len + 1):] for _, _, c, k in chunk]
-        L = max(len(s) for s in seqs) - 1
-        inp = torch.zeros(len(seqs), L, dtype=torch.long)
-        for r, s in enumerate(seqs):
-            inp[r, :len(s) - 1] = torch.tensor(s[:-1])  # right padding: earlier positions unaffected
-        logits = model(input_ids=inp.to(model.device)).logits
-        sums = []
-        for r, ((i, j, c, k), s) in enumerate(zip(chunk, seqs)):  # log-softmax of the continuation only
-            n = len(k)
-            logp = F.log_softmax(logits[r, len(s) - 1 - n:len(s) - 1].float(), -1)
-            sums.append(logp.gather(1, torch.tensor(s[-n:], device=logp.device)[:, None]).sum())
-        for ((i, j, _, _), v) in zip(chunk, torch.stack(sums).tolist()):
-            ll[(i, j)] = v
-    acc = acc_norm = 0
-    for i, it in enumerate(items):
-        scores = [ll[(i, j)] for j in range(len(it["choices"]))]
+    scorer = Scorer(model, tokenizer, max_length=max_len, batch_size=batch, progress=progress)
+    lls = [ll for ll, _ in scorer.loglikelihood([(it["context"], " " + ch) for it in items for ch in it["choices"]])]
+    acc = acc_norm = k = 0
+    for it in items:
+        scores = lls[k:k + len(it["choices"])]
+        k += len(it["choices"])
         norm = [sc / max(1, len(ch)) for sc, ch in zip(scores, it["choices"])]
         acc += int(max(range(len(scores)), key=scores.__getitem__) == it["gold"])
         acc_norm += int(max(range(len(norm)), key=norm.__getitem__) == it["gold"])
