@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .scorer import Scorer
-from .tasks import TASKS, Task, TaskFileError, load_task, metrics_of, requests_of
+from .tasks import TASKS, Task, TaskFileError, load_task, lower_is_better, metrics_of, requests_of
 
 SUITES = {
     "dev": [
@@ -135,8 +135,8 @@ def compare(results: dict, info: dict, reference: str) -> dict:
             h = meta["headline"]
             if label not in res or label not in ref:
                 continue
-            row[label] = kept(res[label][h], ref[label][h], meta["baseline"], "perplexity" in h or h == "bits_per_byte")
-        accs = [v for label, v in row.items() if v is not None and "perplexity" not in info[label]["headline"]]
+            row[label] = kept(res[label][h], ref[label][h], meta["baseline"], lower_is_better(h))
+        accs = [v for label, v in row.items() if v is not None and not lower_is_better(info[label]["headline"])]
         row["mean_kept"] = sum(accs) / len(accs) if accs else None
         out[name] = row
     return out
@@ -155,7 +155,7 @@ def render_suite_table(results: dict, info: dict, reference: str | None = None) 
     def cell(v, h):
         if v is None:
             return "-"
-        return f"{v:.2f}" if "perplexity" in h else f"{100 * v:.1f}"
+        return f"{v:.2f}" if lower_is_better(h) else f"{100 * v:.1f}"
 
     for label, meta in info.items():
         h = meta["headline"]
@@ -163,7 +163,7 @@ def render_suite_table(results: dict, info: dict, reference: str | None = None) 
         row += [cell(results[m].get(label, {}).get(h), h) for m in models]
         for m in others:
             k = cmp[m].get(label)
-            row.append("-" if k is None else (f"{k:.2f}x" if "perplexity" in h else f"{100 * k:.0f} %"))
+            row.append("-" if k is None else (f"{k:.2f}x" if lower_is_better(h) else f"{100 * k:.0f} %"))
         lines.append("| " + " | ".join(row) + " |")
     mean = ["mean kept (accuracy tasks)", "", ""] + [""] * len(models)
     mean += ["-" if cmp[m]["mean_kept"] is None else f"{100 * cmp[m]['mean_kept']:.0f} %" for m in others]

@@ -87,6 +87,11 @@ class PageDoc:
     bytes: int
 
 
+def lower_is_better(metric: str) -> bool:
+    """Whether a smaller value of ``metric`` is better (perplexities, bits per byte)."""
+    return "perplexity" in metric or metric == "bits_per_byte"
+
+
 @dataclass
 class Task:
     """A task definition: its name, kind (``choice``, ``target`` or ``rolling``), the metrics it
@@ -114,7 +119,7 @@ class Task:
 
     @property
     def lower_is_better(self) -> bool:
-        return "perplexity" in self.headline or self.headline == "bits_per_byte"
+        return lower_is_better(self.headline)
 
 
 # ---------------------------------------------------------------------------------------------
