@@ -49,7 +49,8 @@ def parse_variant(spec: str) -> tuple[str, dict]:
 
 
 def main(argv=None) -> dict:
-    from neuro_mar.evaluation import compare, describe, evaluate_suite, head_memory, load_suite, render_suite_table
+    from neuro_mar.evaluation import (batching_for, compare, describe, evaluate_suite, head_memory, load_suite,
+                                      render_suite_table)
     from neuro_mar.evaluation.probes import attention_span
     from neuro_mar.hardware_models.counting import measure_site_activity
     from neuro_mar.io_utils import atomic_write_text
@@ -104,16 +105,14 @@ def main(argv=None) -> dict:
     entries = load_suite("dev", args.suite_dir, None, args.limit or None)
     results["tasks"] = describe(entries)
     lambada = [e for e in entries if e.task.kind == "target"]
-    batch_tokens, batch_size = (32768, 256) if device.type == "cuda" else (4096, 32)
 
     def evaluate(name, model):
         t = time.time()
-        results["models"][name] = evaluate_suite(model, tok, entries, batch_size=batch_size,
-                                                 batch_tokens=batch_tokens, progress=True, model_name=name)
+        results["models"][name] = evaluate_suite(model, tok, entries, progress=True, model_name=name,
+                                                 **batching_for(model))
         for n in args.cut:
             for e in lambada:
-                r = evaluate_suite(model, tok, [e], batch_size=batch_size, batch_tokens=batch_tokens,
-                                   context_tokens=n)[e.label]
+                r = evaluate_suite(model, tok, [e], context_tokens=n, **batching_for(model))[e.label]
                 results["cut_context"].setdefault(name, {})[str(n)] = r
         results["seconds"][f"eval {name}"] = time.time() - t
         save()

@@ -8,9 +8,9 @@ head memory and attention spans.
 """
 from .probes import attention_span, head_memory
 from .scorer import Scorer, rolling_windows
-from .suite import SUITES, compare, describe, evaluate_suite, kept, load_suite, render_suite_table
+from .suite import SUITES, batching_for, compare, describe, evaluate_suite, kept, load_suite, render_suite_table
 from .tasks import TASKS, Task, TaskFileError, load_task, metrics_of, requests_of, wikitext_detokenize, wikitext_pages
 
-__all__ = ["Scorer", "rolling_windows", "SUITES", "TASKS", "Task", "TaskFileError", "load_task", "load_suite",
+__all__ = ["Scorer", "rolling_windows", "SUITES", "batching_for", "TASKS", "Task", "TaskFileError", "load_task", "load_suite",
            "evaluate_suite", "compare", "describe", "kept", "render_suite_table", "metrics_of", "requests_of",
            "wikitext_detokenize", "wikitext_pages", "head_memory", "attention_span"]

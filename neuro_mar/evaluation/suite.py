@@ -92,6 +92,13 @@ def load_suite(suite: str | None = None, suite_dir: str | Path | None = None, ta
     return [SuiteEntry(label, load_task(task, path, limit)) for label, task, path in specs]
 
 
+def batching_for(model) -> dict:
+    """Batch limits for scoring ``model`` where its parameters live: up to 256 requests and 32768
+    input tokens per forward on a GPU, 32 and 4096 on a CPU (``evaluate_suite`` keywords)."""
+    cuda = next(model.parameters()).device.type == "cuda"
+    return {"batch_size": 256, "batch_tokens": 32768} if cuda else {"batch_size": 32, "batch_tokens": 4096}
+
+
 def evaluate_suite(model, tokenizer, entries: list[SuiteEntry], max_length: int = 2048, batch_size: int = 32,
                    batch_tokens: int = 16384, context_tokens: int | None = None, progress: bool = False,
                    model_name: str = "model") -> dict:

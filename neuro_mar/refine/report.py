@@ -120,7 +120,7 @@ def suite_report(cfg, models: dict, tok, progress: bool = False) -> dict | None:
     ``{"tasks": describe(...), "results": {model: {label: metrics}}, "kept": compare(...)}``
     with the teacher as reference; None when no suite is configured. A model whose evaluation
     fails is recorded under ``errors`` (the report is written whatever happens)."""
-    from ..evaluation import compare, describe, evaluate_suite
+    from ..evaluation import batching_for, compare, describe, evaluate_suite
     from .pipeline import suite_entries
 
     entries = suite_entries(cfg)
@@ -128,11 +128,9 @@ def suite_report(cfg, models: dict, tok, progress: bool = False) -> dict | None:
         return None
     results, errors = {}, {}
     for name, m in models.items():
-        cuda = next(m.parameters()).device.type == "cuda"
         try:
-            results[name] = evaluate_suite(m, tok, entries, max_length=cfg.eval_max_length,
-                                           batch_size=256 if cuda else 32, batch_tokens=32768 if cuda else 4096,
-                                           progress=progress, model_name=name)
+            results[name] = evaluate_suite(m, tok, entries, max_length=cfg.eval_max_length, progress=progress,
+                                           model_name=name, **batching_for(m))
         except Exception as err:  # noqa: BLE001 - recorded, see docstring
             errors[name] = f"{type(err).__name__}: {str(err)[:300]}"
     info = describe(entries)
