@@ -65,12 +65,15 @@ def main(argv=None) -> dict:
     ap.add_argument("--work", default="/tmp/recipe_ablation_runs", help="trainer checkpoints and metrics")
     ap.add_argument("--variant", action="append", default=None, help="NAME[:field=value,...] (repeatable)")
     ap.add_argument("--stage2", action="append", default=[],
-                    help="VARIANT[:field=value,...]: Stage 2 from that Stage-1 variant, with these overrides")
+                    help="VARIANT[:field=value,...]: Stage 2 from that Stage-1 variant, with these overrides "
+                         "('best': the variant with the highest mean kept share)")
     ap.add_argument("--seconds-1b", type=float, default=40.0)
     ap.add_argument("--seconds-1c", type=float, default=100.0)
     ap.add_argument("--seconds-2", type=float, default=120.0)
     ap.add_argument("--generated-tokens", type=int, default=262144)
     ap.add_argument("--limit", type=int, default=0, help="documents per suite task (0 = all)")
+    ap.add_argument("--tasks", nargs="*", default=None, metavar="LABEL",
+                    help="score only these entries of the dev suite (default: all of them)")
     ap.add_argument("--cut", type=int, nargs="*", default=[16, 32, 64], help="LAMBADA context cuts (tokens)")
     ap.add_argument("--set", action="append", default=[], help="field=value for every run (RefineConfig)")
     args = ap.parse_args(argv)
@@ -103,6 +106,12 @@ def main(argv=None) -> dict:
     results["seconds"]["prepare"] = time.time() - t0
     results["train_tokens"] = int(train.numel())
     entries = load_suite("dev", args.suite_dir, None, args.limit or None)
+    if args.tasks:
+        unknown = sorted(set(args.tasks) - {e.label for e in entries})
+        if unknown:
+            raise SystemExit(f"error: --tasks {' '.join(unknown)}: not in the dev suite "
+                             f"({' '.join(e.label for e in entries)})")
+        entries = [e for e in entries if e.label in args.tasks]
     results["tasks"] = describe(entries)
     lambada = [e for e in entries if e.task.kind == "target"]
 
@@ -132,7 +141,8 @@ def main(argv=None) -> dict:
         for st, fn, secs, lr in (("stage1b", loss_1b, args.seconds_1b, cfg.lr_1b),
                                  ("stage1c", loss_1c, args.seconds_1c, cfg.lr_1c)):
             t = time.time()
-            tr = make_trainer(cfg, f"{name}-{st}", student, teacher, fn, 100000, lr, secs, train, Path(args.work), device)
+            tr = make_trainer(cfg, f"{name}-{st}", student, teacher, fn, 100000, lr, secs, train, Path(args.work), device,
+                              trainable=cfg.train_1)
             tr.run()
             student = tr.result().student
             results["seconds"][f"{name} {st}"] = time.time() - t
@@ -143,6 +153,11 @@ def main(argv=None) -> dict:
         stage1[name] = (cfg, student)
     for spec in args.stage2:
         name, over = parse_variant(spec)
+        if name == "best":  # the Stage-1 variant that keeps the most of the teacher's margin
+            kept = compare(results["models"], results["tasks"], "teacher")
+            name = max(stage1, key=lambda v: kept[f"{v} stage1"]["mean_kept"] or 0.0)
+            results["best_stage1"] = name
+            spec = name + spec[len("best"):]
         cfg, s1 = stage1[name]
         cfg = dataclasses.replace(cfg, **over)
         name = spec
@@ -152,7 +167,7 @@ def main(argv=None) -> dict:
         spiking.calibrate_thresholds([train[:cfg.micro_batch].to(device)], percentile=cfg.calib_percentile)
         t = time.time()
         tr = make_trainer(cfg, f"{name}-stage2", spiking, s1, make_loss_2(cfg), 100000, cfg.lr_2, args.seconds_2,
-                          train, Path(args.work), device)
+                          train, Path(args.work), device, trainable=cfg.train_2)
         tr.run()
         spiking = tr.result().student.eval()
         results["seconds"][f"{name} stage2"] = time.time() - t

@@ -454,6 +454,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--ssm-input-gain", choices=["none", "zoh"],
                    help="zoh: the mixer scales x_t by 1 - exp(-dt_t), so each head is a normalised moving "
                         "average whatever dt does (default none: Discrete Mamba-2)")
+    r.add_argument("--train-1", choices=["all", "blocks", "mixers"],
+                   help="what Stage 1 trains: everything, the decoder blocks, or only the SSM mixers (the "
+                        "teacher's MLPs, norms and embeddings frozen) (default all)")
+    r.add_argument("--train-2", choices=["all", "blocks", "mixers"],
+                   help="what Stage 2 trains, as --train-1; the spike thresholds always train (default all)")
     r.add_argument("--features", choices=["pre", "post", "both"], help="SBDS feature position (paper: pre)")
     r.add_argument("--stage2-teacher", choices=["stage1", "teacher"], help="distil Stage 2 from (default stage1)")
     r.set_defaults(func=_cmd_refine)

@@ -14,7 +14,7 @@ from transformers import PreTrainedTokenizerFast
 from neuro_mar.cli import main
 from neuro_mar.convert import llama_to_mar
 from neuro_mar.models import SITE_KINDS
-from neuro_mar.refine import (RefineConfig, TrainConfig, Trainer, load_multiple_choice, sbds_logit_loss,
+from neuro_mar.refine import (PRESETS, RefineConfig, TrainConfig, Trainer, load_multiple_choice, sbds_logit_loss,
                               score_multiple_choice)
 from neuro_mar.refine.pipeline import _Bound, loss_1a, loss_1b, loss_1c, make_loss_2
 from tiny import tiny_llama
@@ -475,3 +475,55 @@ def test_teacher_span_initialisation_runs_end_to_end(tmp_path, teacher_dir, data
     cfg = json.loads((out / "refine_config.json").read_text())
     assert cfg["dt_init"] == "teacher" and cfg["normalize_memory"] is True
     assert json.loads((out / "report.json").read_text())["models"]["stage1_ssm"]["heldout_perplexity"] > 1
+
+
+def test_set_trainable_groups():
+    """Each group trains exactly its parameters: 'mixers' the SSM mixers and the spike thresholds,
+    'blocks' the decoder blocks, 'all' everything; a bad name is refused."""
+    student = llama_to_mar(tiny_llama())
+    student.set_neurons("atmn")
+    names = {n for n, _ in student.named_parameters()}
+
+    def trained(group):
+        n = student.set_trainable(group)
+        got = {k for k, p in student.named_parameters() if p.requires_grad}
+        assert n == sum(p.numel() for p in student.parameters() if p.requires_grad)
+        return got
+
+    assert trained("all") == names
+    blocks = trained("blocks")
+    assert blocks == {k for k in names if k.startswith("model.layers.")}
+    mixers = trained("mixers")
+    assert mixers and all(".mixer." in k or "_site." in k for k in mixers)
+    assert any("mlp.in_site" in k for k in mixers) and not any("mlp.gate_proj" in k for k in mixers)
+    assert {k for k in names if ".mixer." in k} <= mixers
+    with pytest.raises(ValueError, match="one of all, blocks, mixers"):
+        student.set_trainable("mlps")
+
+
+def test_unknown_train_group_is_refused_before_anything_is_written(tmp_path, teacher_dir, data_file):
+    from neuro_mar.refine import RefineError, run_refine
+
+    cfg = RefineConfig(**{**PRESETS["tiny"], "teacher": str(teacher_dir), "data": [str(data_file)], "train_2": "mlps"})
+    with pytest.raises(RefineError, match="train-2 must be one of all, blocks, mixers, got 'mlps'"):
+        run_refine(cfg, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
+
+
+def test_frozen_groups_stay_the_teachers(tmp_path, teacher_dir, data_file):
+    """--train-1 mixers --train-2 mixers: the MLPs, norms and embeddings of both saved models are
+    the teacher's to the bit, the mixers moved; the choice is recorded in refine_config.json."""
+    from neuro_mar.models import MARForCausalLM
+
+    out = tmp_path / "run"
+    assert main(["refine", "--out", str(out), "--preset", "tiny", "--teacher", str(teacher_dir), "--data",
+                 str(data_file), "--train-1", "mixers", "--train-2", "mixers"]) == 0
+    assert json.loads((out / "refine_config.json").read_text())["train_1"] == "mixers"
+    from transformers import AutoModelForCausalLM
+
+    init = llama_to_mar(AutoModelForCausalLM.from_pretrained(teacher_dir)).state_dict()
+    for folder in ("stage1", "student"):
+        sd = MARForCausalLM.from_pretrained(out / folder).state_dict()
+        frozen = [k for k in init if ".mixer." not in k and "_site." not in k]
+        assert frozen and all(torch.equal(sd[k], init[k]) for k in frozen), folder
+        assert any(not torch.equal(sd[k], init[k]) for k in init if ".mixer." in k), folder

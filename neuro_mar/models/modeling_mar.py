@@ -29,6 +29,9 @@ from ..ssm import DiscreteMamba2, MixerState
 from ..ssm.discrete_mamba2 import dt_bias_init
 from .configuration_mar import SITE_KINDS, MARConfig
 
+#: parameter groups of :meth:`MARForCausalLM.set_trainable` (the refine stages' ``--train-*`` choices)
+TRAINABLE_GROUPS = ("all", "blocks", "mixers")
+
 
 class MARRMSNorm(nn.Module):
     def __init__(self, hidden_size: int, eps: float = 1e-5):
@@ -254,6 +257,27 @@ class MARForCausalLM(MARPreTrainedModel, GenerationMixin):
         if "logits_to_keep" in kwargs:
             inputs["logits_to_keep"] = kwargs["logits_to_keep"]
         return inputs
+
+    # -- what trains --------------------------------------------------------------------
+    def set_trainable(self, which: str) -> int:
+        """Freeze everything but one group of parameters; returns how many elements train.
+
+        ``"all"``: every parameter. ``"blocks"``: the decoder blocks (mixers, MLPs, norms, spike
+        sites), not the embeddings, final norm or LM head (tied in SmolLM2: the vocabulary's
+        geometry stays the teacher's). ``"mixers"``: the SSM mixers and every spike site's
+        parameters (thresholds); the teacher's MLPs, norms and embeddings stay frozen, which is
+        where a small distillation corpus can overwrite what the teacher knows."""
+        if which not in TRAINABLE_GROUPS:
+            raise ValueError(f"set_trainable: group must be one of {', '.join(TRAINABLE_GROUPS)}, got {which!r}")
+        self.requires_grad_(which == "all")
+        if which == "blocks":
+            self.model.layers.requires_grad_(True)
+        elif which == "mixers":
+            for layer in self.model.layers:
+                layer.mixer.requires_grad_(True)
+            for *_, site in self.spike_sites():
+                site.requires_grad_(True)
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
 
     # -- spike sites ----------------------------------------------------------------------
     def spike_sites(self):

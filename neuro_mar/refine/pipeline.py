@@ -31,6 +31,7 @@ from ..convert import llama_to_mar
 from ..io_utils import atomic_write_text
 from ..models import SITE_KINDS
 from ..models.configuration_mar import SSM_INPUT_GAINS
+from ..models.modeling_mar import TRAINABLE_GROUPS
 from ..ssm.discrete_mamba2 import mixing_matrix
 from .data import DataError, clean_documents, read_texts, split_heldout, teacher_generated_texts, tokenize_and_pack
 from .losses import feature_loss, sbds_logit_loss
@@ -61,6 +62,10 @@ class RefineConfig:
     dt_range: tuple = (0.3, 3.0)
     normalize_memory: bool = False
     ssm_input_gain: str = "none"  # "zoh": x scaled by 1 - exp(-dt_t) in the mixer (MARConfig.ssm_input_gain)
+    # what trains (MARForCausalLM.set_trainable): "all", "blocks" (not the embeddings / LM head) or
+    # "mixers" (the SSM mixers and spike thresholds; the teacher's MLPs, norms and embeddings frozen)
+    train_1: str = "all"
+    train_2: str = "all"
     seq_len: int = 128
     max_tokens: int | None = None
     heldout_fraction: float = 0.1
@@ -275,6 +280,10 @@ def prepare(cfg: RefineConfig, progress: bool = True):
         raise RefineError(f"--ssm-input-gain must be one of {', '.join(SSM_INPUT_GAINS)}, got {cfg.ssm_input_gain!r}")
     if cfg.normalize_memory and cfg.ssm_input_gain != "none":
         raise RefineError("--normalize-memory and --ssm-input-gain zoh both normalise the mixer's memory; choose one")
+    for key in ("train_1", "train_2"):
+        if getattr(cfg, key) not in TRAINABLE_GROUPS:
+            raise RefineError(f"--{key.replace('_', '-')} must be one of {', '.join(TRAINABLE_GROUPS)}, "
+                              f"got {getattr(cfg, key)!r}")
     if cfg.detokenize not in ("auto", "wikitext", "none"):
         raise RefineError(f"--detokenize must be auto, wikitext or none, got {cfg.detokenize!r}")
     try:
@@ -339,9 +348,11 @@ def _tcfg(cfg: RefineConfig, steps: int, lr: float, seconds: float = 0.0) -> Tra
 
 
 def make_trainer(cfg: RefineConfig, name: str, model, teacher_model, fn, steps: int, lr: float, seconds: float,
-                 train: torch.Tensor, out: Path, device, progress: bool = True) -> Trainer:
+                 train: torch.Tensor, out: Path, device, progress: bool = True, trainable: str = "all") -> Trainer:
     """The Trainer of one sub-stage: ``fn(model, teacher_model, ids)`` is its loss, ``train [n, L]``
-    its rows; checkpoints and metrics go to ``out`` under ``name``."""
+    its rows, ``trainable`` the parameter group of ``model`` it trains (``set_trainable``);
+    checkpoints and metrics go to ``out`` under ``name``."""
+    model.set_trainable(trainable)
     return Trainer(_Bound(model, teacher_model, fn), lambda m, b: m(b), train, _tcfg(cfg, steps, lr, seconds), out,
                    name, progress=progress, device=device, shard_units=lambda bound: list(bound.student.model.layers))
 
@@ -400,7 +411,9 @@ def run_refine(cfg: RefineConfig, out: str | Path, resume: bool = False, progres
         if steps <= 0:
             return model
         t0 = time.time()
-        trainer = make_trainer(cfg, name, model, teacher_model, fn, steps, lr, seconds, train, out, device, progress)
+        trainable = cfg.train_2 if name.startswith("stage2") else cfg.train_1
+        trainer = make_trainer(cfg, name, model, teacher_model, fn, steps, lr, seconds, train, out, device, progress,
+                               trainable=trainable)
         tcfg = trainer.cfg
         if resume:
             trainer.try_resume()
