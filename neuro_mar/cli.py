@@ -444,16 +444,16 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--detokenize", choices=["auto", "wikitext", "none"],
                    help="undo WikiText's tokenisation of --data (default auto: files that look like WikiText)")
     r.add_argument("--dt-init", choices=["range", "teacher"],
-                   help="mixer memory at initialisation: dt log-uniform in --dt-range (default) or each head's "
-                        "dt from the teacher's attention span (see docs/quality.md)")
+                   help="mixer memory at initialisation: each head's dt from the teacher's attention span "
+                        "(default teacher) or log-uniform in --dt-range (see docs/quality.md)")
     r.add_argument("--dt-range", nargs=2, type=float, metavar=("MIN", "MAX"),
                    help="dt range for --dt-init range (default 0.3 3.0: a memory of 0.3 to 3 tokens)")
     r.add_argument("--normalize-memory", action=argparse.BooleanOptionalAction, default=None,
-                   help="start each mixer head as a normalised moving average, gain fixed at initialisation "
-                        "(default off)")
+                   help="start each mixer head as a normalised moving average, gain fixed at initialisation; "
+                        "needs --ssm-input-gain none (default off)")
     r.add_argument("--ssm-input-gain", choices=["none", "zoh"],
                    help="zoh: the mixer scales x_t by 1 - exp(-dt_t), so each head is a normalised moving "
-                        "average whatever dt does (default none: Discrete Mamba-2)")
+                        "average whatever dt does (default zoh; none: plain Discrete Mamba-2)")
     r.add_argument("--train-1", choices=["all", "blocks", "mixers"],
                    help="what Stage 1 trains: everything, the decoder blocks, or only the SSM mixers (the "
                         "teacher's MLPs, norms and embeddings frozen) (default all)")

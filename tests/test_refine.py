@@ -471,9 +471,28 @@ def test_teacher_span_initialisation_runs_end_to_end(tmp_path, teacher_dir, data
     """--dt-init teacher: each head's dt from the teacher's attention span; the run trains and reports."""
     out = tmp_path / "run"
     assert main(["refine", "--out", str(out), "--preset", "tiny", "--teacher", str(teacher_dir), "--data",
-                 str(data_file), "--dt-init", "teacher", "--normalize-memory"]) == 0
+                 str(data_file), "--dt-init", "teacher", "--normalize-memory", "--ssm-input-gain", "none"]) == 0
     cfg = json.loads((out / "refine_config.json").read_text())
     assert cfg["dt_init"] == "teacher" and cfg["normalize_memory"] is True
+    with pytest.raises(SystemExit, match="add --ssm-input-gain none to use --normalize-memory"):
+        main(["refine", "--out", str(tmp_path / "run2"), "--preset", "tiny", "--teacher", str(teacher_dir),
+              "--data", str(data_file), "--normalize-memory"])
+    assert not (tmp_path / "run2").exists()
+
+
+def test_default_recipe_is_teacher_span_with_zoh_gain(tmp_path, teacher_dir, data_file):
+    """The default run starts each mixer head from the teacher's span and normalises it with the
+    input-dependent gain; the saved models carry the gain, so they load and score the same."""
+    from neuro_mar.models import MARForCausalLM
+
+    out = tmp_path / "run"
+    assert main(["refine", "--out", str(out), "--preset", "tiny", "--teacher", str(teacher_dir), "--data",
+                 str(data_file)]) == 0
+    cfg = json.loads((out / "refine_config.json").read_text())
+    assert cfg["dt_init"] == "teacher" and cfg["ssm_input_gain"] == "zoh" and not cfg["normalize_memory"]
+    for folder in ("stage1", "student"):
+        m = MARForCausalLM.from_pretrained(out / folder)
+        assert m.config.ssm_input_gain == "zoh" and all(l.mixer.input_gain == "zoh" for l in m.model.layers)
     assert json.loads((out / "report.json").read_text())["models"]["stage1_ssm"]["heldout_perplexity"] > 1
 
 

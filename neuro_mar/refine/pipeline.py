@@ -54,14 +54,16 @@ class RefineConfig:
     gen_temperature: float = 1.0
     gen_top_p: float = 0.95
     detokenize: str = "auto"  # auto | wikitext | none: undo WikiText's tokenisation of --data (data.clean_documents)
-    # mixer initialisation: dt per head log-uniform in dt_range ("range") or from the teacher's
-    # attention span ("teacher"); normalize_memory starts each head as a normalised moving average.
-    # "teacher" + normalize_memory gives the better Stage-1 model on the dev suite, but its Stage-2
-    # student collapsed in the one run measured (docs/quality.md): opt-in until that is understood
-    dt_init: str = "range"
+    # mixer initialisation: each head's dt from the teacher head's attention span ("teacher") or
+    # log-uniform in dt_range ("range"); the mixer's input gain "zoh" scales x_t by 1 - exp(-dt_t)
+    # (MARConfig.ssm_input_gain) so a long memory starts and stays a normalised moving average.
+    # "teacher" + "zoh" keeps the most of the teacher on the dev suite in Stage 1 and Stage 2
+    # (docs/quality.md, ablation 2); normalize_memory is the older gain fixed at initialisation,
+    # whose students collapsed, kept for comparison
+    dt_init: str = "teacher"
     dt_range: tuple = (0.3, 3.0)
     normalize_memory: bool = False
-    ssm_input_gain: str = "none"  # "zoh": x scaled by 1 - exp(-dt_t) in the mixer (MARConfig.ssm_input_gain)
+    ssm_input_gain: str = "zoh"
     # what trains (MARForCausalLM.set_trainable): "all", "blocks" (not the embeddings / LM head) or
     # "mixers" (the SSM mixers and spike thresholds; the teacher's MLPs, norms and embeddings frozen)
     train_1: str = "all"
@@ -279,7 +281,8 @@ def prepare(cfg: RefineConfig, progress: bool = True):
     if cfg.ssm_input_gain not in SSM_INPUT_GAINS:
         raise RefineError(f"--ssm-input-gain must be one of {', '.join(SSM_INPUT_GAINS)}, got {cfg.ssm_input_gain!r}")
     if cfg.normalize_memory and cfg.ssm_input_gain != "none":
-        raise RefineError("--normalize-memory and --ssm-input-gain zoh both normalise the mixer's memory; choose one")
+        raise RefineError("--normalize-memory and --ssm-input-gain zoh (the default) both normalise the mixer's "
+                          "memory: add --ssm-input-gain none to use --normalize-memory, or drop it")
     for key in ("train_1", "train_2"):
         if getattr(cfg, key) not in TRAINABLE_GROUPS:
             raise RefineError(f"--{key.replace('_', '-')} must be one of {', '.join(TRAINABLE_GROUPS)}, "
