@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -528,7 +529,16 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    return args.func(args)
+    from .refine import TrainingDiverged
+
+    try:
+        return args.func(args)
+    except (TrainingDiverged, ValueError, OSError) as err:
+        # bad input, unreadable files, a diverged stage: one line, not a traceback
+        # (NEURO_MAR_DEBUG=1 shows the traceback)
+        if os.environ.get("NEURO_MAR_DEBUG"):
+            raise
+        raise SystemExit(f"error: {err}") from None
 
 
 if __name__ == "__main__":  # pragma: no cover

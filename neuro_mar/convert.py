@@ -95,6 +95,15 @@ def llama_to_mar(teacher: nn.Module, dt_init_range: tuple[float, float] = (0.3, 
     the input-dependent dt instead, in the mixer itself (the two are exclusive)."""
     base, layers = _layers(teacher)
     cfg = teacher.config
+    # the biases the layers actually have (Qwen2 has q/k/v biases but no `attention_bias` field)
+    found = {"mixer_bias": any(getattr(l.self_attn, n).bias is not None for l in layers
+                               for n in ("q_proj", "k_proj", "v_proj", "o_proj")),
+             "mlp_bias": any(getattr(l.mlp, n).bias is not None for l in layers
+                             for n in ("gate_proj", "up_proj", "down_proj"))}
+    for key, has in found.items():
+        if has and config_overrides.get(key) is False:
+            raise ValueError(f"llama_to_mar: {key}=False would drop the teacher's biases; leave it unset")
+        config_overrides.setdefault(key, has)
     mcfg = mar_config_from_llama(cfg, **config_overrides)
     if normalize_memory and mcfg.ssm_input_gain != "none":
         raise ValueError(f"llama_to_mar: ssm_input_gain={mcfg.ssm_input_gain!r} already normalises every head's "

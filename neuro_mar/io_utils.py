@@ -56,3 +56,17 @@ def jsonl_objects(lines, path, error: type[Exception] = ValueError):
         if not isinstance(obj, dict):
             raise error(f"{path}:{i}: a line holds {type(obj).__name__}, not a JSON object")
         yield i, obj
+
+
+def finite_or_none(obj):
+    """``obj`` with every NaN or infinite float (in nested dicts, lists and tuples) replaced by
+    ``None``, so ``json.dumps(..., allow_nan=False)`` writes standard JSON."""
+    import math
+
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_or_none(v) for v in obj]
+    return obj

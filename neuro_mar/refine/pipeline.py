@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -145,6 +146,51 @@ class RefineError(ValueError):
     pass
 
 
+def _option(key: str) -> str:
+    return "--" + key.replace("_", "-")
+
+
+#: (fields, test, what the value must be) for every numeric option of RefineConfig
+_RANGES = [
+    (("steps_1a", "steps_1b", "steps_1c", "steps_2", "warmup", "generated_tokens", "eval_limit", "eval_max_tokens",
+      "throughput_steps"), lambda v: v >= 0, "an integer >= 0"),
+    (("micro_batch", "grad_accum", "ckpt_every", "eval_rows", "gen_max_new", "throughput_micro_batch"),
+     lambda v: v >= 1, "an integer >= 1"),
+    (("seq_len", "eval_max_length"), lambda v: v >= 2, "an integer >= 2"),
+    (("lr_1a", "lr_1b", "lr_1c", "lr_2", "temperature", "gen_temperature"), lambda v: v > 0, "a number > 0"),
+    (("alpha", "beta", "gamma", "ce_weight", "seconds_1a", "seconds_1b", "seconds_1c", "seconds_2",
+      "seconds_ablation"), lambda v: v >= 0, "a number >= 0"),
+    (("calib_percentile",), lambda v: 0 < v <= 100, "a percentile in (0, 100]"),
+    (("heldout_fraction",), lambda v: 0 < v < 1, "a fraction in (0, 1)"),
+    (("gen_top_p",), lambda v: 0 < v <= 1, "a probability in (0, 1]"),
+    (("gen_continuation_share",), lambda v: 0 <= v <= 1, "a share in [0, 1]"),
+    (("gen_batch",), lambda v: v >= 0, "an integer >= 0 (0: automatic)"),
+]
+
+
+def validate_config(cfg: RefineConfig) -> None:
+    """Every option's type and range, checked before anything is loaded or written; raises
+    :class:`RefineError` naming the option and what it must be."""
+    for keys, ok, what in _RANGES:
+        for key in keys:
+            v = getattr(cfg, key)
+            integer = what.startswith("an integer")
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or (integer and not isinstance(v, int)) \
+                    or not math.isfinite(v) or not ok(v):
+                raise RefineError(f"{_option(key)} must be {what}, got {v!r}")
+    if cfg.max_tokens is not None and (not isinstance(cfg.max_tokens, int) or cfg.max_tokens < cfg.seq_len):
+        raise RefineError(f"--max-tokens must be an integer >= --seq-len ({cfg.seq_len}), got {cfg.max_tokens!r}")
+    lo, hi = cfg.dt_range
+    if not (math.isfinite(lo) and math.isfinite(hi) and 0 < lo <= hi):
+        raise RefineError(f"--dt-range must be two numbers 0 < MIN <= MAX, got {lo!r} {hi!r}")
+    if cfg.alpha + cfg.beta + cfg.gamma + cfg.ce_weight == 0 and cfg.steps_2 > 0:
+        raise RefineError("--alpha, --beta, --gamma and --ce-weight are all 0: Stage 2 would have no loss")
+    if cfg.stage2_teacher not in ("stage1", "teacher"):
+        raise RefineError(f"--stage2-teacher must be stage1 or teacher, got {cfg.stage2_teacher!r}")
+    if cfg.features not in ("pre", "post", "both"):
+        raise RefineError(f"--features must be pre, post or both, got {cfg.features!r}")
+
+
 # ---------------------------------------------------------------------------------------------
 # stage losses
 # ---------------------------------------------------------------------------------------------
@@ -262,10 +308,15 @@ def prepare(cfg: RefineConfig, progress: bool = True):
 
     from .evaluate import load_multiple_choice
 
-    known = __import__("neuro_mar").neurons.available()
+    validate_config(cfg)
+    neurons = __import__("neuro_mar").neurons
     for name in [cfg.neuron, *cfg.ablation_neurons]:
-        if name not in known:
+        if name not in neurons.available():
             raise RefineError(f"unknown neuron {name!r}; see `neuro-mar neurons`")
+        try:  # one neuron of each configured kind, with its options, before anything trains
+            neurons.create(name, channels=4, **(cfg.neuron_options if name == cfg.neuron else {}))
+        except (TypeError, ValueError) as err:
+            raise RefineError(f"neuron {name!r} with options {cfg.neuron_options}: {err}") from None
     for p in cfg.data:
         read_texts(p, cfg.text_field)  # raises DataError with the file name
     if cfg.eval_data:
@@ -332,6 +383,43 @@ def init_student(cfg: RefineConfig, teacher, rows: torch.Tensor):
                         normalize_memory=cfg.normalize_memory, ssm_input_gain=cfg.ssm_input_gain)
 
 
+#: options that may change on ``--resume``: they only decide what is evaluated after training
+RESUME_FREE_PREFIXES = ("eval_",)
+
+
+def config_changes(saved: dict, cfg: RefineConfig) -> list[str]:
+    """``["--option OLD -> NEW", ...]`` for every training option in which ``cfg`` differs from a
+    run's recorded ``refine_config.json`` (evaluation options may differ)."""
+    now = json.loads(json.dumps(asdict(cfg)))  # tuples as lists, as the file holds them
+    keys = sorted((set(saved) | set(now)) - {k for k in set(saved) | set(now) if k.startswith(RESUME_FREE_PREFIXES)})
+    return [f"{_option(k)} {saved.get(k)!r} -> {now.get(k)!r}" for k in keys if saved.get(k) != now.get(k)]
+
+
+def _sha256_tensors(tensors) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, t in tensors:
+        h.update(name.encode())
+        h.update(str(tuple(t.shape)).encode() + str(t.dtype).encode())
+        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def run_identity(teacher, tok, train: torch.Tensor) -> dict:
+    """Fingerprints of what a run trains from: the teacher's weights, the tokenizer (vocabulary,
+    merges and special tokens) and the packed training rows (data, cleaning, generated text and
+    sequence length together), each a sha256."""
+    import hashlib
+
+    backend = getattr(tok, "backend_tokenizer", None)
+    vocab = backend.to_str() if backend is not None else json.dumps(sorted(tok.get_vocab().items()))
+    special = json.dumps({k: str(v) for k, v in sorted(tok.special_tokens_map.items())})
+    return {"teacher_weights": _sha256_tensors(sorted(teacher.state_dict().items())),
+            "tokenizer": hashlib.sha256((vocab + special).encode()).hexdigest(),
+            "training_rows": _sha256_tensors([("rows", train)])}
+
+
 def suite_entries(cfg: RefineConfig) -> list:
     """The evaluation suite's entries (files read and checked), [] when none is configured."""
     from ..evaluation import TaskFileError, load_suite
@@ -387,13 +475,30 @@ def run_refine(cfg: RefineConfig, out: str | Path, resume: bool = False, progres
     _check_ce_weight(cfg, device)  # before Stage 1, not at Stage 2's first step
     if out.exists() and any(out.iterdir()) and not resume:
         raise RefineError(f"output folder {out} exists and is not empty; pass --resume to continue it or choose a new --out")
+    recorded_cfg = out / "refine_config.json"
+    if resume and recorded_cfg.is_file():  # a resumed run continues the same configuration, or nothing
+        changed = config_changes(json.loads(recorded_cfg.read_text()), cfg)
+        if changed:
+            raise RefineError(f"--resume: {out} was started with other options ({'; '.join(changed)}); resume "
+                              "with the options it was started with (its refine_config.json) or use a new --out")
     t_start = time.time()
     teacher, tok, train, held = prepare(cfg, progress=progress and rank == 0)
+    identity = run_identity(teacher, tok, train)
+    recorded_id = out / "run_identity.json"
+    if resume and recorded_id.is_file():
+        saved = json.loads(recorded_id.read_text())
+        changed = [k for k in identity if saved.get(k) != identity[k]]
+        if changed:
+            raise RefineError(f"--resume: the {', '.join(k.replace('_', ' ') for k in changed)} differ from those "
+                              f"{out} was started with (run_identity.json); resume with the same teacher and data "
+                              "or use a new --out")
     torch.manual_seed(cfg.seed)
     student = init_student(cfg, teacher, train)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / "refine_config.json", json.dumps(asdict(cfg), indent=2))
+        if not (resume and recorded_cfg.is_file()):  # written once, after every check
+            atomic_write_text(recorded_cfg, json.dumps(asdict(cfg), indent=2))
+            atomic_write_text(recorded_id, json.dumps(identity, indent=2))
     if distributed:
         torch.distributed.barrier()
     teacher.to(device).requires_grad_(False)

@@ -5,7 +5,7 @@ import json
 import math
 from pathlib import Path
 
-from ..io_utils import atomic_savefig, atomic_write_text
+from ..io_utils import atomic_savefig, atomic_write_text, finite_or_none
 from .evaluate import agreement, perplexity
 
 
@@ -171,7 +171,7 @@ def build_report(cfg, out: Path, teacher, stage1, before, student, tok, held, ti
                                                  < rows["spiking_before_stage2"]["kl_to_teacher"]
                                                  and rows["spiking_student"]["top1_agreement"]
                                                  >= rows["spiking_before_stage2"]["top1_agreement"])}
-    atomic_write_text(out / "report.json", json.dumps(report, indent=2))
+    atomic_write_text(out / "report.json", json.dumps(finite_or_none(report), indent=2, allow_nan=False))
     atomic_write_text(out / "report.md", render_markdown(report))
     return report
 

@@ -56,6 +56,11 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.max_seconds must be >= 0, got {self.max_seconds}")
 
 
+class TrainingDiverged(RuntimeError):
+    """A step's loss or gradient norm was not finite: the stage stopped before the update, and the
+    last checkpoint written (if any) holds the last good weights."""
+
+
 #: steps timed before a time budget first fixes the number of steps (the first one, which compiles
 #: kernels and warms caches, is not counted); the estimate is renewed every BUDGET_RECHECK steps
 BUDGET_PROBE_STEPS = 4
@@ -198,7 +203,7 @@ class Trainer:
         atomic_torch_save({"step": self.step, "budget_elapsed": self.budget_elapsed, "module": model_sd, "opt": opt_sd,
                            "sched": self.sched.state_dict(), "history": self.history,
                            "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
-                                   "numpy": np.random.get_state(),
+                                   "numpy": _numpy_state(),
                                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
                            "cfg": asdict(self.cfg)}, self.ckpt_path)
 
@@ -206,7 +211,12 @@ class Trainer:
         p = self.ckpt_path
         if p is None or not p.is_file():
             return False
-        state = torch.load(p, map_location="cpu", weights_only=False)
+        try:  # tensors and plain containers only: a checkpoint never runs code when it is loaded
+            state = torch.load(p, map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001 - torch raises UnpicklingError, RuntimeError, EOFError...
+            raise ValueError(f"checkpoint {p} cannot be read as plain weights ({type(err).__name__}: "
+                             f"{str(err).splitlines()[0] if str(err) else ''}); it is damaged or not one this "
+                             f"trainer wrote: delete it to restart the stage, or use a new --out") from None
         saved, mine = dict(state["cfg"]), asdict(self.cfg)
         if self.cfg.budgeted():  # the budget may have cut the steps: take the checkpoint's
             saved_steps = saved.pop("steps")
@@ -231,12 +241,24 @@ class Trainer:
         self.budget_elapsed = state.get("budget_elapsed", 0.0)
         torch.set_rng_state(state["rng"]["torch"])
         random.setstate(state["rng"]["python"])
-        np.random.set_state(state["rng"]["numpy"])
+        _set_numpy_state(state["rng"]["numpy"])
         if state["rng"]["cuda"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
         return True
 
     # -- training ---------------------------------------------------------------------------------
+    def _check_finite(self, loss: float, grad_norm: float | None) -> None:
+        """Stop before the update when the step's loss or gradient norm is NaN or infinite (every
+        rank sees the same reduced values, so every rank stops)."""
+        if math.isfinite(loss) and (grad_norm is None or math.isfinite(grad_norm)):
+            return
+        p = self.ckpt_path
+        kept = (f"the last good checkpoint {p} is kept" if p is not None and p.is_file()
+                else "no checkpoint of this stage had been written")
+        raise TrainingDiverged(f"stage {self.name} diverged at step {self.step + 1}: loss {loss}, gradient norm "
+                               f"{grad_norm} ({kept}); lower the learning rate or check the loss options "
+                               f"(temperature, weights) and the data")
+
     def _metrics(self, rec: dict) -> None:
         self.history.append(rec)
         if self.out_dir is not None and self.rank == 0:
@@ -279,6 +301,7 @@ class Trainer:
             norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm) if cfg.max_grad_norm else None
             if norm is not None and hasattr(norm, "full_tensor"):
                 norm = norm.full_tensor()
+            self._check_finite(float(loss_sum), None if norm is None else float(norm))
             self.opt.step()
             self.sched.step()
             self.step += 1
@@ -326,6 +349,18 @@ class Trainer:
             bar.total = steps
             bar.refresh()
         return steps if stop_after is None else min(steps, target)
+
+
+def _numpy_state() -> dict:
+    """NumPy's global RNG state as tensors and numbers (loadable with ``weights_only=True``)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+            "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}
+
+
+def _set_numpy_state(s: dict) -> None:
+    np.random.set_state((s["name"], s["keys"].numpy().astype(np.uint32), s["pos"], s["has_gauss"],
+                         s["cached_gaussian"]))
 
 
 class _null:

@@ -1,0 +1,157 @@
+"""The pipeline under bad options, divergence, changed resumes and planted checkpoints: each case
+ends in one `error:` line (or is refused by the API) before anything is written, and no
+checkpoint runs code when it is loaded."""
+import json
+import math
+import pickle
+
+import pytest
+import torch
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
+from neuro_mar.cli import main
+from neuro_mar.convert import llama_to_mar
+from neuro_mar.io_utils import finite_or_none
+from neuro_mar.refine import TrainConfig, Trainer, TrainingDiverged
+from test_refine import data_file, teacher_dir  # noqa: F401 - fixtures
+
+BASE = ["refine", "--preset", "tiny"]
+
+
+def _refine(tmp_path, teacher_dir, data_file, *extra, out="run"):
+    return main(BASE + ["--out", str(tmp_path / out), "--teacher", str(teacher_dir), "--data", str(data_file),
+                        *extra])
+
+
+@pytest.mark.parametrize("option,value,match", [
+    ("--temperature", "nan", "--temperature must be a number > 0, got nan"),
+    ("--temperature", "0", "--temperature must be a number > 0"),
+    ("--alpha", "nan", "--alpha must be a number >= 0"),
+    ("--lr-2", "0", "--lr-2 must be a number > 0"),
+    ("--lr-1c", "inf", "--lr-1c must be a number > 0, got inf"),
+    ("--calib-percentile", "150", r"--calib-percentile must be a percentile in \(0, 100\]"),
+    ("--eval-rows", "0", "--eval-rows must be an integer >= 1"),
+    ("--micro-batch", "0", "--micro-batch must be an integer >= 1"),
+    ("--steps-2", "-1", "--steps-2 must be an integer >= 0"),
+    ("--warmup", "-3", "--warmup must be an integer >= 0"),
+    ("--gamma", "-0.5", "--gamma must be a number >= 0"),
+    ("--seconds-1c", "-1", "--seconds-1c must be a number >= 0"),
+    ("--neuron-option", '{"T": 0}', "neuron 'atmn' with options"),
+    ("--neuron-option", '{"tau": 0}', "tau must be a finite positive number"),
+    ("--neuron-option", '{"nope": 1}', "does not take option"),
+])
+def test_bad_option_stops_before_anything_is_written(tmp_path, teacher_dir, data_file, option, value, match):
+    with pytest.raises(SystemExit, match=f"error: .*{match}"):
+        _refine(tmp_path, teacher_dir, data_file, option, value)
+    assert not (tmp_path / "run").exists()
+
+
+def test_no_stage2_loss_is_refused(tmp_path, teacher_dir, data_file):
+    with pytest.raises(SystemExit, match="Stage 2 would have no loss"):
+        _refine(tmp_path, teacher_dir, data_file, "--alpha", "0", "--beta", "0")
+    assert not (tmp_path / "run").exists()
+
+
+def test_divergence_stops_loudly_and_keeps_the_last_good_checkpoint(tmp_path):
+    """A NaN loss at step 4 stops the stage before the update, naming stage, step and values; the
+    checkpoint of step 2 is untouched and the weights are those of step 3."""
+    torch.manual_seed(0)
+    model = torch.nn.Embedding(20, 4)
+    rows = torch.randint(0, 20, (16, 8))
+    calls = {"n": 0}
+
+    def loss(m, b):
+        calls["n"] += 1
+        out = m(b).pow(2).mean()
+        return out * float("nan") if calls["n"] == 4 else out
+
+    tr = Trainer(model, loss, rows, TrainConfig(steps=10, micro_batch=2, ckpt_every=2, warmup=0), tmp_path, "s",
+                 progress=False)
+    with pytest.raises(TrainingDiverged, match=r"stage s diverged at step 4: loss nan.*last good checkpoint"):
+        tr.run()
+    assert tr.step == 3 and torch.isfinite(model.weight).all()
+    saved = torch.load(tmp_path / "checkpoints" / "s.pt", weights_only=True)
+    assert saved["step"] == 2
+    rows_logged = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows_logged] == [1, 2, 3] and all(math.isfinite(r["loss"]) for r in rows_logged)
+
+
+def test_diverging_refine_is_one_error_line_and_writes_no_model(tmp_path, teacher_dir, data_file):
+    with pytest.raises(SystemExit, match=r"error: stage stage1b diverged at step \d+: loss (nan|inf)"):
+        _refine(tmp_path, teacher_dir, data_file, "--lr-1b", "1e30", "--warmup", "0")
+    assert not (tmp_path / "run" / "stage1").exists() and not (tmp_path / "run" / "student").exists()
+
+
+class _Payload:
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_planted_checkpoint_never_runs(tmp_path, teacher_dir, data_file):
+    """A checkpoint holding a pickled callable is refused on --resume with one error line; the
+    payload does not run."""
+    assert _refine(tmp_path, teacher_dir, data_file) == 0
+    marker = tmp_path / "pwned"
+    p = _Payload()
+    p.marker = marker
+    ckpt = tmp_path / "run" / "checkpoints" / "stage1b.pt"
+    ckpt.write_bytes(pickle.dumps({"step": p}))
+    # stage1/ exists, so the Stage-1 sub-stages are skipped: plant Stage 2's checkpoint too
+    (tmp_path / "run" / "checkpoints" / "stage2.pt").write_bytes(pickle.dumps({"step": p}))
+    with pytest.raises(SystemExit, match=r"error: checkpoint .*stage2.pt cannot be read as plain weights"):
+        _refine(tmp_path, teacher_dir, data_file, "--resume")
+    assert not marker.exists()
+
+
+def test_resume_with_other_options_is_refused_and_keeps_the_record(tmp_path, teacher_dir, data_file):
+    data = tmp_path / "train.txt"
+    data.write_text(data_file.read_text())
+    data_file = data
+    assert _refine(tmp_path, teacher_dir, data_file) == 0
+    record = (tmp_path / "run" / "refine_config.json").read_text()
+    with pytest.raises(SystemExit, match=r"--resume: .* other options \(--neuron 'atmn' -> 'binary'; "
+                                         r"--seq-len 32 -> 16\)"):
+        _refine(tmp_path, teacher_dir, data_file, "--resume", "--neuron", "binary", "--seq-len", "16")
+    assert (tmp_path / "run" / "refine_config.json").read_text() == record
+    with pytest.raises(SystemExit, match=r"--resume: .*other options \(--data "):
+        _refine(tmp_path, teacher_dir, tmp_path / "elsewhere.txt", "--resume")
+    original = data.read_text()
+    data.write_text(" ".join(f"w{(i * 5) % 90}" for i in range(3000)))  # same file, other text
+    with pytest.raises(SystemExit, match="--resume: the training rows differ from those"):
+        _refine(tmp_path, teacher_dir, data_file, "--resume")
+    data.write_text(original)
+    # evaluation options may change on a resume
+    assert _refine(tmp_path, teacher_dir, data_file, "--resume", "--eval-max-tokens", "100") == 0
+    ident = json.loads((tmp_path / "run" / "run_identity.json").read_text())
+    assert set(ident) == {"teacher_weights", "tokenizer", "training_rows"} and all(len(v) == 64 for v in ident.values())
+
+
+def test_report_json_is_standard_json():
+    assert finite_or_none({"a": float("nan"), "b": [1.0, float("inf"), (2, float("-inf"))], "c": "x"}) == \
+        {"a": None, "b": [1.0, None, [2, None]], "c": "x"}
+
+
+def test_qwen2_attention_biases_are_carried():
+    """Qwen2 has q/k/v biases and no `attention_bias` config field: the student's in_proj takes
+    them (v and k repeated to the query heads, q scaled like its weight)."""
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    teacher = Qwen2ForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for layer in teacher.model.layers:
+            for n in ("q_proj", "k_proj", "v_proj"):
+                getattr(layer.self_attn, n).bias.normal_()
+    student = llama_to_mar(teacher)
+    assert student.config.mixer_bias
+    att, mix = teacher.model.layers[1].self_attn, student.model.layers[1].mixer
+    d, hd = mix.d_inner, 8
+    bias = mix.in_proj.bias.detach()
+    rep = lambda b: b.view(2, hd).repeat_interleave(2, dim=0).reshape(-1)  # noqa: E731
+    torch.testing.assert_close(bias[:d], rep(att.v_proj.bias.detach()))
+    torch.testing.assert_close(bias[d:2 * d], rep(att.k_proj.bias.detach()))
+    torch.testing.assert_close(bias[2 * d:3 * d], att.q_proj.bias.detach() / math.sqrt(hd))
+    with pytest.raises(ValueError, match="would drop the teacher's biases"):
+        llama_to_mar(teacher, mixer_bias=False)
