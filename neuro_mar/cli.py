@@ -189,6 +189,7 @@ def _cmd_eval(args) -> int:
     import json
 
     from .evaluation import TaskFileError, describe, evaluate_suite, load_suite, render_suite_table
+    from .io_utils import finite_or_none, non_finite_paths
     from .refine import load_multiple_choice, perplexity, score_multiple_choice
     from .refine.data import DataError, read_texts, tokenize_and_pack
 
@@ -241,11 +242,15 @@ def _cmd_eval(args) -> int:
         if args.out:
             from .io_utils import atomic_write_text
 
-            atomic_write_text(out / "suite.json", json.dumps(results, indent=2))
+            atomic_write_text(out / "suite.json", json.dumps(finite_or_none(results), indent=2, allow_nan=False))
             atomic_write_text(out / "suite.md", table + "\n")
             print(f"wrote {out / 'suite.json'} and {out / 'suite.md'}")
-        return 0
-    print(json.dumps(results, indent=2))
+    else:
+        print(json.dumps(finite_or_none(results), indent=2, allow_nan=False))
+    bad = non_finite_paths(results)
+    if bad:
+        raise SystemExit(f"error: {len(bad)} result(s) are NaN or infinite ({', '.join(bad[:4])}"
+                         f"{', ...' if len(bad) > 4 else ''}): the model's outputs are not finite; check its weights")
     return 0
 
 
@@ -266,6 +271,12 @@ def _cmd_generate(args) -> int:
         text = tok.apply_chat_template([{"role": "user", "content": args.prompt}], tokenize=False,
                                        add_generation_prompt=True)
     ids = tok(text, return_tensors="pt").input_ids
+    if ids.shape[1] == 0:  # an empty prompt: start a new document, as training documents are joined
+        start = tok.eos_token_id if tok.eos_token_id is not None else tok.bos_token_id
+        if start is None:
+            raise SystemExit("error: --prompt is empty and the tokenizer has neither an end-of-text nor a BOS "
+                             "token to start from; give a prompt")
+        ids = torch.tensor([[start]])
     torch.manual_seed(args.seed)
     out = model.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
                          temperature=args.temperature if args.temperature > 0 else None,

@@ -70,3 +70,16 @@ def finite_or_none(obj):
     if isinstance(obj, (list, tuple)):
         return [finite_or_none(v) for v in obj]
     return obj
+
+
+def non_finite_paths(obj, prefix: str = "") -> list[str]:
+    """Dotted paths of the NaN or infinite floats in nested dicts and lists."""
+    import math
+
+    if isinstance(obj, float):
+        return [] if math.isfinite(obj) else [prefix or "value"]
+    if isinstance(obj, dict):
+        return [p for k, v in obj.items() for p in non_finite_paths(v, f"{prefix}.{k}" if prefix else str(k))]
+    if isinstance(obj, (list, tuple)):
+        return [p for i, v in enumerate(obj) for p in non_finite_paths(v, f"{prefix}[{i}]")]
+    return []

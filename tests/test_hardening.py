@@ -155,3 +155,97 @@ def test_qwen2_attention_biases_are_carried():
     torch.testing.assert_close(bias[2 * d:3 * d], att.q_proj.bias.detach() / math.sqrt(hd))
     with pytest.raises(ValueError, match="would drop the teacher's biases"):
         llama_to_mar(teacher, mixer_bias=False)
+
+
+@pytest.mark.parametrize("name,content,match", [
+    ("bin.txt", b"\x89PNG\r\n\x1a\n\xff\xfe\x00\x01" * 20, r"bin.txt:1: not UTF-8 text"),
+    ("nul.txt", b"hello\nworld\x00\x00\n", r"nul.txt:2: holds NUL bytes"),
+    ("null.jsonl", b'{"text": "fine"}\n{"text": null}\n', r"null.jsonl:2: field 'text' holds NoneType"),
+    ("int.jsonl", b'{"text": 7}\n', r"int.jsonl:1: field 'text' holds int"),
+    ("list.jsonl", b'["a", "b"]\n', r"list.jsonl:1: a line holds list, not a JSON object"),
+    ("broken.parquet", b"PAR1 not really parquet", r"broken.parquet: not a readable parquet file"),
+])
+def test_data_readers_refuse_what_is_not_text(tmp_path, name, content, match):
+    from neuro_mar.refine import DataError, read_texts
+
+    p = tmp_path / name
+    p.write_bytes(content)
+    with pytest.raises(DataError, match=match):
+        read_texts(p)
+
+
+def test_integer_parquet_column_is_refused(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    from neuro_mar.refine import DataError, read_texts
+
+    p = tmp_path / "nums.parquet"
+    pq.write_table(pa.table({"text": [1, 2, 3]}), p)
+    with pytest.raises(DataError, match=r"nums.parquet: column 'text': row 0 holds int"):
+        read_texts(p)
+
+
+@pytest.mark.parametrize("layers", [1, 3])
+def test_a_checkpoint_whose_config_does_not_match_its_weights_is_refused(tmp_path, layers):
+    from tiny import tiny_mar
+
+    from neuro_mar.models import MARForCausalLM
+
+    tiny_mar(seed=0).save_pretrained(tmp_path / "m")  # 2 layers
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert cfg["num_hidden_layers"] == 2
+    cfg["num_hidden_layers"] = layers
+    (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
+    what = "unexpected" if layers == 1 else "missing"
+    with pytest.raises(ValueError, match=f"weights do not match config.json: .*{what} .*model.layers"):
+        MARForCausalLM.from_pretrained(tmp_path / "m")
+    with pytest.raises(SystemExit, match=f"error: .*weights do not match config.json"):
+        main(["energy", str(tmp_path / "m")])
+
+
+def test_calibration_refuses_non_finite_activations():
+    """One NaN in the calibration sample would make a channel's threshold NaN for good: refused,
+    naming the site."""
+    from tiny import tiny_mar
+
+    from neuro_mar.neurons import create
+
+    n = create("atmn", channels=4)
+    x = torch.randn(64, 4)
+    x[3, 2] = float("nan")
+    with pytest.raises(ValueError, match=r"1 NaN or infinite values \(channels \[2\]\)"):
+        n.calibrate(x)
+    m = tiny_mar(seed=0, neurons={"mlp.in": "atmn"})
+    with torch.no_grad():
+        m.model.layers[0].post_attention_layernorm.weight[0] = float("nan")
+    with pytest.raises(ValueError, match=r"model.layers.0.mlp.in_site: calibrate: .*NaN"):
+        m.calibrate_thresholds([torch.randint(0, 97, (2, 16))])
+
+
+def test_eval_of_a_nan_model_is_an_error_not_a_number(tmp_path, capsys):
+    from tiny import tiny_mar
+
+    from test_refine import _tokenizer
+
+    m = tiny_mar(seed=0)
+    with torch.no_grad():
+        m.model.norm.weight.fill_(float("nan"))
+    m.save_pretrained(tmp_path / "m")
+    _tokenizer().save_pretrained(tmp_path / "m")
+    data = tmp_path / "d.txt"
+    data.write_text(" ".join(f"w{i % 90}" for i in range(400)))
+    with pytest.raises(SystemExit, match=r"error: 1 result\(s\) are NaN or infinite \(perplexity\)"):
+        main(["eval", str(tmp_path / "m"), "--data", str(data), "--seq-len", "16", "--max-tokens", "200"])
+    assert '"perplexity": null' in capsys.readouterr().out
+
+
+def test_generate_from_an_empty_prompt(tmp_path, capsys):
+    from tiny import tiny_mar
+
+    from test_refine import _tokenizer
+
+    tiny_mar(seed=0).save_pretrained(tmp_path / "m")
+    _tokenizer().save_pretrained(tmp_path / "m")
+    assert main(["generate", str(tmp_path / "m"), "--prompt", "", "--max-new-tokens", "3"]) == 0  # crashed in the conv
+    assert capsys.readouterr().out.endswith("\n")

@@ -158,6 +158,27 @@ class MARPreTrainedModel(PreTrainedModel):
     def _supports_default_dynamic_cache(cls) -> bool:
         return False  # the recurrent MARCache is created by the model itself
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """``PreTrainedModel.from_pretrained``, strict: a checkpoint whose weights do not match its
+        ``config.json`` (missing, unexpected or differently shaped tensors, e.g. an edited
+        ``num_hidden_layers``) raises ``ValueError`` naming them instead of loading a model with
+        random or dropped layers."""
+        want_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True,
+                                              **kwargs)
+        problems = []
+        for key, what in (("missing_keys", "missing"), ("unexpected_keys", "unexpected"),
+                          ("mismatched_keys", "of another shape")):
+            names = sorted(str(k[0] if isinstance(k, tuple) else k) for k in info.get(key) or [])
+            if names:
+                problems.append(f"{len(names)} {what} ({', '.join(names[:4])}{', ...' if len(names) > 4 else ''})")
+        if problems:
+            raise ValueError(f"{pretrained_model_name_or_path}: the weights do not match config.json: "
+                             f"{'; '.join(problems)}; the folder was edited or damaged: re-save it from the run "
+                             "that made it")
+        return (model, info) if want_info else model
+
 
 class MARModel(MARPreTrainedModel):
     def __init__(self, config: MARConfig):
@@ -359,6 +380,9 @@ class MARForCausalLM(MARPreTrainedModel, GenerationMixin):
         for q, s in sites:
             if not samples[q]:
                 raise ValueError("calibrate_thresholds: no calibration batches were given")
-            V = s.neuron.calibrate(torch.cat(samples[q])[:max_rows * 4], percentile=percentile, max_rows=max_rows)
+            try:
+                V = s.neuron.calibrate(torch.cat(samples[q])[:max_rows * 4], percentile=percentile, max_rows=max_rows)
+            except ValueError as err:
+                raise ValueError(f"{q}: {err}") from None
             out[q] = float(V.float().mean())
         return out

@@ -101,6 +101,12 @@ class InputOnceMixin(abc.ABC):
             xa = xa.reshape(-1, self.a.shape[0])
         if xa.shape[0] == 0:
             raise ValueError("calibrate: the activation sample is empty")
+        bad = ~torch.isfinite(xa)
+        if bad.any():  # one NaN would make that channel's threshold NaN for good
+            chans = bad.reshape(-1, xa.shape[-1]).any(0).nonzero().flatten().tolist()
+            raise ValueError(f"calibrate: the activation sample holds {int(bad.sum())} NaN or infinite values "
+                             f"(channels {chans[:8]}{' ...' if len(chans) > 8 else ''}); what feeds this neuron is "
+                             "not finite: check the model's weights and inputs")
         if xa.shape[0] > max_rows:
             step = math.ceil(xa.shape[0] / max_rows)
             xa = xa[::step]

@@ -81,28 +81,59 @@ def read_texts(path: str | Path, text_field: str = "text") -> list[str]:
             ds = ds["train"] if "train" in ds else ds[next(iter(ds.keys()))]
         if text_field not in ds.column_names:
             raise DataError(f"{p}: no column {text_field!r} (columns: {ds.column_names}); pass --text-field")
-        texts = list(ds[text_field])
+        texts = _strings(ds[text_field], f"{p}: column {text_field!r}")
     elif p.suffix == ".jsonl":
         texts = []
         with open(p) as fh:
-            for i, obj in jsonl_objects(fh, p, DataError):
+            for i, obj in jsonl_objects(_text_lines(p), p, DataError):
                 if text_field not in obj:
                     raise DataError(f"{p}:{i}: no field {text_field!r} (fields: {sorted(obj)}); pass --text-field")
-                texts.append(str(obj[text_field]))
+                v = obj[text_field]
+                if not isinstance(v, str):
+                    raise DataError(f"{p}:{i}: field {text_field!r} holds {type(v).__name__} ({v!r:.40}), not text")
+                texts.append(v)
     elif p.suffix == ".parquet":
         try:
             import pyarrow.parquet as pq
         except ImportError as err:
             raise DataError("reading parquet needs `pip install pyarrow`") from err
-        table = pq.read_table(p)
+        try:
+            table = pq.read_table(p)
+        except Exception as err:  # noqa: BLE001 - pyarrow raises ArrowInvalid, OSError, ...
+            raise DataError(f"{p}: not a readable parquet file ({type(err).__name__}: {err})") from None
         if text_field not in table.column_names:
             raise DataError(f"{p}: no column {text_field!r} (columns: {table.column_names}); pass --text-field")
-        texts = [str(t) for t in table.column(text_field).to_pylist()]
+        texts = _strings(table.column(text_field).to_pylist(), f"{p}: column {text_field!r}")
     else:
-        texts = [p.read_text(errors="replace")]
+        texts = ["".join(_text_lines(p))]
     if not any(t.strip() for t in texts):
         raise DataError(f"data file {p} is empty")
     return texts
+
+
+def _text_lines(p: Path):
+    """The lines of a UTF-8 text file; a file that is not UTF-8 text (binary, another encoding)
+    raises :class:`DataError` naming it, rather than training on replacement characters."""
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        line = p.read_bytes()[: err.start].count(b"\n") + 1
+        raise DataError(f"{p}:{line}: not UTF-8 text (byte {err.start}); give a UTF-8 .txt, .jsonl or .parquet "
+                        "file") from None
+    if "\x00" in text:
+        raise DataError(f"{p}:{text[: text.index(chr(0))].count(chr(10)) + 1}: holds NUL bytes: a binary file, "
+                        "not text")
+    return text.splitlines(keepends=True)
+
+
+def _strings(values, where: str) -> list[str]:
+    """``values`` if every one is a string; a null, number or other value raises
+    :class:`DataError` naming ``where`` (training on ``"None"`` or on digits is never meant)."""
+    for j, v in enumerate(values):
+        if not isinstance(v, str):
+            raise DataError(f"{where}: row {j} holds {type(v).__name__} ({v!r:.40}), not text; fix the data or "
+                            "pass --text-field for a text column")
+    return list(values)
 
 
 WIKITEXT_MARKERS = (" @-@ ", " @,@ ", " @.@ ")
