@@ -249,3 +249,35 @@ def test_generate_from_an_empty_prompt(tmp_path, capsys):
     _tokenizer().save_pretrained(tmp_path / "m")
     assert main(["generate", str(tmp_path / "m"), "--prompt", "", "--max-new-tokens", "3"]) == 0  # crashed in the conv
     assert capsys.readouterr().out.endswith("\n")
+
+
+def test_a_second_refine_into_a_running_folder_is_refused(tmp_path, teacher_dir, data_file):
+    """While one refine holds the folder's lock, another (even with --resume) stops; the lock goes
+    with the run."""
+    import fcntl
+
+    out = tmp_path / "run"
+    out.mkdir()
+    with open(out / ".lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        fh.write("4242")
+        fh.flush()
+        with pytest.raises(SystemExit, match=r"error: .*run is being written by another refine \(pid 4242\)"):
+            _refine(tmp_path, teacher_dir, data_file, "--resume")
+    assert _refine(tmp_path, teacher_dir, data_file, "--resume") == 0
+    assert not (out / ".lock").exists() and (out / "student" / "config.json").is_file()
+
+
+def test_resume_logs_each_step_once(tmp_path):
+    """Steps logged after the checkpoint a run resumes from are dropped, so metrics.jsonl holds
+    each step of a stage once."""
+    rows = torch.randint(0, 20, (16, 8))
+    cfg = dict(steps=6, micro_batch=2, ckpt_every=2, warmup=0)
+    loss = lambda m, b: m(b).pow(2).mean()  # noqa: E731
+    torch.manual_seed(0)
+    Trainer(torch.nn.Embedding(20, 4), loss, rows, TrainConfig(**cfg), tmp_path, "s", progress=False).run(stop_after=3)
+    t = Trainer(torch.nn.Embedding(20, 4), loss, rows, TrainConfig(**cfg), tmp_path, "s", progress=False)
+    assert t.try_resume() and t.step == 2
+    t.run()
+    steps = [json.loads(l)["step"] for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]

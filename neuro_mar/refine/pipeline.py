@@ -465,9 +465,6 @@ def _save_model(model, tok, path: Path) -> None:
 
 def run_refine(cfg: RefineConfig, out: str | Path, resume: bool = False, progress: bool = True) -> dict:
     """Run Stage 1 and Stage 2, evaluate, and write the report. Returns the report dict."""
-    from ..models import MARForCausalLM
-    from .report import build_report
-
     out = Path(out)
     distributed = init_distributed()
     rank, _ = world()
@@ -475,6 +472,55 @@ def run_refine(cfg: RefineConfig, out: str | Path, resume: bool = False, progres
     _check_ce_weight(cfg, device)  # before Stage 1, not at Stage 2's first step
     if out.exists() and any(out.iterdir()) and not resume:
         raise RefineError(f"output folder {out} exists and is not empty; pass --resume to continue it or choose a new --out")
+    lock = _RunLock(out) if rank == 0 else None  # one writer per run folder
+    try:
+        return _run_locked(cfg, out, resume, progress, distributed, rank, device)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+class _RunLock:
+    """An exclusive lock on ``out/.lock`` (flock; released when the process ends, however it ends):
+    a second ``refine`` into the same folder stops instead of interleaving its files."""
+
+    def __init__(self, out: Path):
+        import fcntl
+
+        self.path = out / ".lock"
+        if not out.exists():
+            out.mkdir(parents=True)
+            self.created = out
+        else:
+            self.created = None
+        self.fh = open(self.path, "a+")
+        try:
+            fcntl.flock(self.fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.fh.seek(0)
+            holder = self.fh.read().strip() or "another process"
+            self.fh.close()
+            raise RefineError(f"{out} is being written by another refine (pid {holder}); wait for it to end or "
+                              "choose another --out") from None
+        self.fh.seek(0)
+        self.fh.truncate()
+        self.fh.write(str(os.getpid()))
+        self.fh.flush()
+
+    def release(self) -> None:
+        import fcntl
+
+        fcntl.flock(self.fh, fcntl.LOCK_UN)
+        self.fh.close()
+        self.path.unlink(missing_ok=True)
+        if self.created is not None and not any(self.created.iterdir()):
+            self.created.rmdir()  # a run refused before its first write leaves nothing behind
+
+
+def _run_locked(cfg: RefineConfig, out: Path, resume: bool, progress: bool, distributed: bool, rank: int, device):
+    from ..models import MARForCausalLM
+    from .report import build_report
+
     recorded_cfg = out / "refine_config.json"
     if resume and recorded_cfg.is_file():  # a resumed run continues the same configuration, or nothing
         changed = config_changes(json.loads(recorded_cfg.read_text()), cfg)

@@ -238,6 +238,7 @@ class Trainer:
             self.cfg.steps = saved_steps
         self.sched.load_state_dict(state["sched"])
         self.step, self.history = state["step"], state["history"]
+        self._drop_metrics_after(self.step)
         self.budget_elapsed = state.get("budget_elapsed", 0.0)
         torch.set_rng_state(state["rng"]["torch"])
         random.setstate(state["rng"]["python"])
@@ -245,6 +246,26 @@ class Trainer:
         if state["rng"]["cuda"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
         return True
+
+    def _drop_metrics_after(self, step: int) -> None:
+        """Remove this stage's metric rows past ``step`` (written after the checkpoint resumed
+        from), so the resumed steps are logged once."""
+        path = self.out_dir / "metrics.jsonl" if self.out_dir is not None else None
+        if self.rank != 0 or path is None or not path.is_file():
+            return
+        lines = path.read_text().splitlines(keepends=True)
+        keep = []
+        for line in lines:
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:  # a line cut by the kill: dropped
+                continue
+            if not (rec.get("stage") == self.name and rec.get("step", 0) > step):
+                keep.append(line if line.endswith("\n") else line + "\n")
+        if keep != lines:
+            from ..io_utils import atomic_write_text
+
+            atomic_write_text(path, "".join(keep))
 
     # -- training ---------------------------------------------------------------------------------
     def _check_finite(self, loss: float, grad_norm: float | None) -> None:
