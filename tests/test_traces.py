@@ -125,12 +125,14 @@ def test_bad_files_give_clear_errors(tmp_path):
     with h5py.File(tmp_path / "bad.h5", "a") as f:
         pop = next(iter(f["spikes"]))
         f["spikes"][pop]["polarity"][0] = 3
+        del f["spikes"][pop]["polarity"].attrs["sha256"]  # the structural check, past the checksum
     with pytest.raises(TraceFormatError, match="polarity"):
         read_trace(tmp_path / "bad.h5")
     shutil.copy(path, tmp_path / "short.h5")
     with h5py.File(tmp_path / "short.h5", "a") as f:
         pop = next(iter(f["spikes"]))
         f["spikes"][pop]["node_ids"].resize((0,))
+        del f["spikes"][pop]["node_ids"].attrs["sha256"]
     with pytest.raises(TraceFormatError, match="different lengths"):
         read_trace(tmp_path / "short.h5")
 
@@ -200,3 +202,54 @@ def test_plots_and_cli(tmp_path, capsys):
     assert main(["plot-trace", str(path), "--out", str(tmp_path / "png2")]) == 0
     with pytest.raises(SystemExit, match="error"):
         main(["plot-trace", str(tmp_path / "nope.h5")])
+
+
+@pytest.mark.parametrize("dataset", ["timestamps", "node_ids"])
+def test_a_flipped_bit_in_an_event_chunk_never_reads_as_another_trace(tmp_path, dataset):
+    """A single-bit flip (bit 4 of one byte, at 48 places across the stored first chunk of
+    timestamps or node_ids) either fails the read with TraceFormatError (the sha256 of the bytes written) or
+    leaves the decoded trace exactly as written (a bit the compression does not use)."""
+    m = _model()
+    path = record_trace(m, [torch.randint(3, 97, (2, 12))], tmp_path / "t.h5")
+    good = read_trace(path)
+    with h5py.File(path, "r") as f:
+        name = max(f["spikes"], key=lambda n: len(f["spikes"][n]["timestamps"]))
+        ds = f["spikes"][name][dataset]
+        assert "sha256" in ds.attrs and len(ds) > 0
+        info = ds.id.get_chunk_info(0)
+    data = path.read_bytes()
+    caught = 0
+    for i in np.linspace(info.byte_offset, info.byte_offset + info.size - 1, 48).astype(int).tolist():
+        flipped = bytearray(data)
+        flipped[i] ^= 0x10
+        (tmp_path / "flip.h5").write_bytes(bytes(flipped))
+        try:
+            tr = read_trace(tmp_path / "flip.h5")
+        except TraceFormatError:
+            caught += 1
+            continue
+        pop, ref = tr.populations[name], good.populations[name]
+        assert np.array_equal(pop.timestamps, ref.timestamps) and np.array_equal(pop.node_ids, ref.node_ids), i
+    assert caught > 0
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda f: f["neuro_mar"].attrs.__setitem__("T", 0), "T and dt_ms must be positive"),
+    (lambda f: f["neuro_mar"]["sequence_lengths"].__setitem__(0, 999), r"sequence_lengths outside \[0, L_max"),
+    (lambda f: f["neuro_mar"]["sequence_lengths"].__setitem__(0, 3), "padding does not match sequence_lengths"),
+])
+def test_inconsistent_metadata_is_refused(tmp_path, edit, match):
+    import shutil
+
+    m = _model()
+    path = record_trace(m, [torch.randint(3, 97, (2, 8))], tmp_path / "t.h5")
+    shutil.copy(path, tmp_path / "bad.h5")
+    with h5py.File(tmp_path / "bad.h5", "a") as f:
+        edit(f)
+    with pytest.raises(TraceFormatError, match="checksum mismatch" if "sequence_lengths" in match else match):
+        read_trace(tmp_path / "bad.h5")  # the checksum catches an edited dataset first
+    with h5py.File(tmp_path / "bad.h5", "a") as f:  # without checksums, the consistency checks
+        for d in ("token_ids", "sequence_lengths"):
+            f["neuro_mar"][d].attrs.pop("sha256", None)
+    with pytest.raises(TraceFormatError, match=match):
+        read_trace(tmp_path / "bad.h5")

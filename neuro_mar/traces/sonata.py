@@ -13,12 +13,14 @@
 One population per spike site, named ``L03.mixer.in`` etc. Events are appended per forward call
 in time order (sequence, token, step, then node), so ``sorting = by_time``. The file is written
 under a temporary name and renamed when closed: a crash never leaves a half file under the final
-name. Datasets are chunked and compressed with HDF5's built-in scale-offset filter, lossless here
+name. Every dataset carries the sha256 of the bytes written (attribute ``sha256``,
+checked on read) and the metadata is checked for consistency on read. Datasets are chunked and compressed with HDF5's built-in scale-offset filter, lossless here
 (integers; integer-valued timestamps when dt_ms is a whole number): libsonata's HDF5 has no zlib,
 so a gzip-compressed file would not open there. ``compression="gzip"`` trades that for size.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from dataclasses import dataclass
@@ -31,6 +33,24 @@ SONATA_MAGIC = 0x0A7A
 FORMAT = "neuro-mar-trace/1"
 SORTING = h5py.enum_dtype({"none": 0, "by_id": 1, "by_time": 2}, basetype="i1")
 CHUNK = 1 << 16
+
+
+EVENT_DATASETS = ("timestamps", "node_ids", "polarity")
+
+
+def _sha256(data: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(data).tobytes()).hexdigest()
+
+
+def _verified(path, d) -> np.ndarray:
+    """The dataset's values, checked against the sha256 of the bytes written (attribute
+    ``sha256``; files written before it existed carry none and are read as they are)."""
+    data = d[()]
+    want = d.attrs.get("sha256")
+    if want is not None and _sha256(data) != (want.decode() if isinstance(want, bytes) else str(want)):
+        raise TraceFormatError(f"{path}: {d.name}: checksum mismatch: the file was changed or damaged after it "
+                               "was written")
+    return data
 
 
 class TraceFormatError(ValueError):
@@ -59,6 +79,7 @@ class SonataWriter:
         meta.create_group("populations")
         self.T, self.L_max, self.dt_ms = T, L_max, dt_ms
         self._tokens: list[np.ndarray] = []
+        self._sums: dict = {}  # dataset path -> running sha256 of the bytes appended
         self._closed = False
 
     def add_population(self, name: str, layer: int, kind: str, neuron: str, channels: int, threshold) -> None:
@@ -92,6 +113,7 @@ class SonataWriter:
         for ds, data in (("timestamps", t), ("node_ids", node.astype(np.uint64)), ("polarity", polarity.astype(np.int8))):
             g[ds].resize((n0 + len(t),))
             g[ds][n0:] = data
+            self._sums.setdefault(g[ds].name, hashlib.sha256()).update(np.ascontiguousarray(data).tobytes())
 
     def add_sequence(self, token_ids: np.ndarray) -> None:
         self._tokens.append(np.asarray(token_ids, dtype=np.int64))
@@ -106,6 +128,12 @@ class SonataWriter:
             ids[i, :len(t)] = t
         meta.create_dataset("token_ids", data=ids, **({"scaleoffset": 0} if ids.size else {}))
         meta.create_dataset("sequence_lengths", data=np.array([len(t) for t in self._tokens], dtype=np.int64))
+        for name, g in self.f["spikes"].items():
+            for ds in EVENT_DATASETS:
+                d = g[ds]
+                d.attrs["sha256"] = self._sums[d.name].hexdigest() if d.name in self._sums else _sha256(d[()])
+        for d in (meta["token_ids"], meta["sequence_lengths"], *(p["threshold"] for p in meta["populations"].values())):
+            d.attrs["sha256"] = _sha256(d[()])
         self.f.close()
         os.replace(self.tmp, self.path)
         self._closed = True
@@ -168,6 +196,23 @@ class Trace:
         return out
 
 
+def _check_metadata(tr: Trace) -> None:
+    """The run metadata is consistent: T, L_max and dt_ms positive, one length per token row,
+    lengths within [0, L_max] and the rows padded with -1 exactly past their lengths."""
+    where = f"{tr.path}: /neuro_mar"
+    if tr.T < 1 or tr.L_max < 0 or not (np.isfinite(tr.dt_ms) and tr.dt_ms > 0):
+        raise TraceFormatError(f"{where}: T = {tr.T}, L_max = {tr.L_max}, dt_ms = {tr.dt_ms}: T and dt_ms must be "
+                               "positive, L_max >= 0")
+    lengths, ids = tr.sequence_lengths, tr.token_ids
+    if ids.ndim != 2 or len(lengths) != ids.shape[0] or (ids.size and ids.shape[1] != tr.L_max):
+        raise TraceFormatError(f"{where}: token_ids {ids.shape} and sequence_lengths {lengths.shape} disagree "
+                               f"(expected [{len(lengths)}, {tr.L_max}])")
+    if len(lengths) and (lengths.min() < 0 or lengths.max() > tr.L_max):
+        raise TraceFormatError(f"{where}: sequence_lengths outside [0, L_max = {tr.L_max}]")
+    if ids.size and not np.array_equal(ids >= 0, np.arange(ids.shape[1])[None, :] < lengths[:, None]):
+        raise TraceFormatError(f"{where}: token_ids padding does not match sequence_lengths")
+
+
 def read_trace(path: str | Path) -> Trace:
     """Read a neuro-mar SONATA trace; anything else raises :class:`TraceFormatError` (never a
     wrong trace)."""
@@ -187,9 +232,11 @@ def read_trace(path: str | Path) -> Trace:
                                        f"metadata of format {FORMAT}); read it with libsonata instead")
             meta = f["neuro_mar"]
             tr = Trace(path, int(meta.attrs["T"]), int(meta.attrs["L_max"]), float(meta.attrs["dt_ms"]),
-                       str(meta.attrs["model"]), meta["token_ids"][()], meta["sequence_lengths"][()], {})
+                       str(meta.attrs["model"]), _verified(path, meta["token_ids"]),
+                       _verified(path, meta["sequence_lengths"]), {})
+            _check_metadata(tr)
             for name, g in f["spikes"].items():
-                ts, nid, pol = g["timestamps"][()], g["node_ids"][()], g["polarity"][()]
+                ts, nid, pol = (_verified(path, g[ds]) for ds in EVENT_DATASETS)
                 if not (len(ts) == len(nid) == len(pol)):
                     raise TraceFormatError(f"{path}: population {name}: datasets of different lengths (truncated?)")
                 if len(pol) and not np.isin(pol, (-1, 1)).all():
@@ -199,7 +246,7 @@ def read_trace(path: str | Path) -> Trace:
                     raise TraceFormatError(f"{path}: population {name}: node id beyond its {p.attrs['channels']} channels")
                 tr.populations[name] = Population(name, ts, nid, pol, int(p.attrs["layer"]), str(p.attrs["kind"]),
                                                   str(p.attrs["neuron"]), int(p.attrs["channels"]),
-                                                  p["threshold"][()])
+                                                  _verified(path, p["threshold"]))
             return tr
         except TraceFormatError:
             raise
