@@ -281,3 +281,18 @@ def test_resume_logs_each_step_once(tmp_path):
     t.run()
     steps = [json.loads(l)["step"] for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_resume_of_a_run_recorded_before_an_option_existed():
+    """An option newer than a run's refine_config.json counts as changed only when it is not at
+    its default; evaluation options never count."""
+    from dataclasses import asdict, replace
+
+    from neuro_mar.refine import RefineConfig
+    from neuro_mar.refine.pipeline import config_changes
+
+    saved = json.loads(json.dumps(asdict(RefineConfig())))
+    del saved["train_1"]
+    assert config_changes(saved, RefineConfig()) == []
+    assert config_changes(saved, replace(RefineConfig(), train_1="mixers")) == ["--train-1 None -> 'mixers'"]
+    assert config_changes(saved, replace(RefineConfig(), eval_limit=5, steps_2=7)) == ["--steps-2 40 -> 7"]

@@ -391,7 +391,9 @@ def config_changes(saved: dict, cfg: RefineConfig) -> list[str]:
     """``["--option OLD -> NEW", ...]`` for every training option in which ``cfg`` differs from a
     run's recorded ``refine_config.json`` (evaluation options may differ)."""
     now = json.loads(json.dumps(asdict(cfg)))  # tuples as lists, as the file holds them
-    keys = sorted((set(saved) | set(now)) - {k for k in set(saved) | set(now) if k.startswith(RESUME_FREE_PREFIXES)})
+    defaults = json.loads(json.dumps(asdict(RefineConfig())))
+    keys = sorted(k for k in set(saved) | set(now) if not k.startswith(RESUME_FREE_PREFIXES)
+                  and not (k not in saved and now.get(k) == defaults.get(k)))  # an option newer than the run
     return [f"{_option(k)} {saved.get(k)!r} -> {now.get(k)!r}" for k in keys if saved.get(k) != now.get(k)]
 
 
