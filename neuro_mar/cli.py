@@ -400,7 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", required=True, metavar="DIR")
     r.add_argument("--teacher", help="smollm2-135m (default), a local HF folder or a .gguf file")
     r.add_argument("--preset", choices=sorted(PRESETS), default="quick",
-                   help="quick: <= 15 min on a 2-core CPU; gpu: one H200 in ~20 min (time budgets per stage, "
+                   help="quick: about 20 min on a 2-core CPU; gpu: one H200 in ~20 min (time budgets per stage, "
                         "binary ablation, throughput check); tiny: smoke test")
     r.add_argument("--data", action="append", metavar="FILE",
                    help=".txt, .jsonl, .parquet or a saved datasets folder (repeatable)")

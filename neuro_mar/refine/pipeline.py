@@ -126,7 +126,7 @@ class RefineConfig:
 
 
 PRESETS = {
-    # a fresh 2-core CPU machine, at most 15 minutes with the default teacher
+    # a fresh 2-core CPU machine, about 20 minutes with the default teacher (setup included)
     "quick": dict(seq_len=128, generated_tokens=12288, steps_1a=0, steps_1b=24, steps_1c=16, steps_2=30,
                   micro_batch=4, ckpt_every=10, eval_rows=12),
     # one H200 within about 20 minutes: bf16 autocast and the fused kernels on CUDA; each stage
