@@ -189,6 +189,18 @@ def validate_config(cfg: RefineConfig) -> None:
         raise RefineError(f"--stage2-teacher must be stage1 or teacher, got {cfg.stage2_teacher!r}")
     if cfg.features not in ("pre", "post", "both"):
         raise RefineError(f"--features must be pre, post or both, got {cfg.features!r}")
+    if cfg.dt_init not in ("teacher", "range"):
+        raise RefineError(f"--dt-init must be teacher or range, got {cfg.dt_init!r}")
+    if cfg.ssm_input_gain not in SSM_INPUT_GAINS:
+        raise RefineError(f"--ssm-input-gain must be one of {', '.join(SSM_INPUT_GAINS)}, got {cfg.ssm_input_gain!r}")
+    if cfg.normalize_memory and cfg.ssm_input_gain != "none":
+        raise RefineError("--normalize-memory and --ssm-input-gain zoh (the default) both normalise the mixer's "
+                          "memory: add --ssm-input-gain none to use --normalize-memory, or drop it")
+    for key in ("train_1", "train_2"):
+        if getattr(cfg, key) not in TRAINABLE_GROUPS:
+            raise RefineError(f"{_option(key)} must be one of {', '.join(TRAINABLE_GROUPS)}, got {getattr(cfg, key)!r}")
+    if cfg.detokenize not in ("auto", "wikitext", "none"):
+        raise RefineError(f"--detokenize must be auto, wikitext or none, got {cfg.detokenize!r}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -327,19 +339,6 @@ def prepare(cfg: RefineConfig, progress: bool = True):
         except (FileNotFoundError, ValueError) as err:
             raise RefineError(f"--eval-task: {err}") from None
     suite_entries(cfg)  # every suite file read and checked now, not after training
-    if cfg.dt_init not in ("teacher", "range"):
-        raise RefineError(f"--dt-init must be teacher or range, got {cfg.dt_init!r}")
-    if cfg.ssm_input_gain not in SSM_INPUT_GAINS:
-        raise RefineError(f"--ssm-input-gain must be one of {', '.join(SSM_INPUT_GAINS)}, got {cfg.ssm_input_gain!r}")
-    if cfg.normalize_memory and cfg.ssm_input_gain != "none":
-        raise RefineError("--normalize-memory and --ssm-input-gain zoh (the default) both normalise the mixer's "
-                          "memory: add --ssm-input-gain none to use --normalize-memory, or drop it")
-    for key in ("train_1", "train_2"):
-        if getattr(cfg, key) not in TRAINABLE_GROUPS:
-            raise RefineError(f"--{key.replace('_', '-')} must be one of {', '.join(TRAINABLE_GROUPS)}, "
-                              f"got {getattr(cfg, key)!r}")
-    if cfg.detokenize not in ("auto", "wikitext", "none"):
-        raise RefineError(f"--detokenize must be auto, wikitext or none, got {cfg.detokenize!r}")
     try:
         teacher, tok = load_teacher(cfg.teacher)
     except FileNotFoundError as err:

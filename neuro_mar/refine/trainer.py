@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..io_utils import atomic_torch_save
+from ..io_utils import atomic_torch_save, atomic_write_text
 
 
 @dataclass
@@ -263,8 +263,6 @@ class Trainer:
             if not (rec.get("stage") == self.name and rec.get("step", 0) > step):
                 keep.append(line if line.endswith("\n") else line + "\n")
         if keep != lines:
-            from ..io_utils import atomic_write_text
-
             atomic_write_text(path, "".join(keep))
 
     # -- training ---------------------------------------------------------------------------------
