@@ -1,6 +1,6 @@
 """Counting operations of a model, per layer and per part, per token.
 
-Conventions (shared/docs/energy-and-formats.md §2):
+Conventions:
 
 * a non-zero spike, +1 or -1, costs one accumulate (AC) per fan-out synapse of the projection it
   feeds (a subtraction costs what an addition costs); the + / - split is kept. SI-LIF's integer

@@ -1,7 +1,7 @@
 """Measured GPU energy: the NVML total-energy counter read around a real run.
 
 The counter (``nvmlDeviceGetTotalEnergyConsumption``, millijoules) updates about every 100 ms,
-so measure windows of seconds (shared/docs/energy-and-formats.md §4).
+so measure windows of seconds.
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Cost tables of hardware targets, each constant with its source and scope.
 
-Sources and scopes are those of ``shared/docs/energy-and-formats.md`` (sections 1, 3 and 4). The
+Sources and scopes are given per constant below. The
 tables are not like-for-like: a neuromorphic chip's "energy per synaptic op" may include neuron
 updates and routing (TrueNorth) or not (Loihi); work that is not synaptic (the selective scan,
 norms, gating, the LM head) does not run on a chip's synapses and is billed at the table named by

@@ -1,4 +1,4 @@
-"""ATMN: the Adaptive Ternary Multi-step Neuron (MAR, arXiv 2601.21503; shared/docs/mar-method.md §2).
+"""ATMN: the Adaptive Ternary Multi-step Neuron (MAR, arXiv 2601.21503).
 
 Per channel, over micro-steps t = 0..T-1 with u_{-1} = 0::
 

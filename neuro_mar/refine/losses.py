@@ -1,4 +1,4 @@
-"""Distillation losses of MAR (shared/docs/mar-method.md §1 and §3), readable PyTorch references.
+"""Distillation losses of MAR (MAR, arXiv 2601.21503), readable PyTorch references.
 
 SBDS:  alpha * KL(p_teacher || q_student) + beta * KL(q_student || p_teacher)   on logits
        + gamma * mean_l || h_l^teacher - h_l^student ||^2                           on features

@@ -1,4 +1,4 @@
-"""The MAR refinement pipeline (shared/docs/mar-method.md §1-3).
+"""The MAR refinement pipeline (MAR, arXiv 2601.21503).
 
 Stage 1 (attention -> SSM), from ``llama_to_mar(teacher)``:
   1a matrix orientation (optional): each mixer's materialised mixing matrix -> the layer's

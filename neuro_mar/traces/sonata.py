@@ -1,4 +1,4 @@
-"""Spike traces in the SONATA-compatible HDF5 layout (shared/docs/energy-and-formats.md §5).
+"""Spike traces in the SONATA-compatible HDF5 layout.
 
     /                       attrs: magic = uint32 0x0A7A, version = [uint32 0, uint32 1]
     /spikes/<pop>           attrs: sorting = HDF5 enum {none: 0, by_id: 1, by_time: 2} (int8 base)
