@@ -8,7 +8,15 @@ One process: the teacher and the data are prepared once (as ``neuro-mar refine``
    initialisation) from the same data and the same wall-time budgets for 1b and 1c: its head
    memory before and after training, the dev suite, the cut-context probe;
 3. Stage 2 (ATMN, SBDS) from the Stage-1 model of each variant named in ``--stage2`` (with
-   overrides of its own, e.g. ``new:gamma=0.1``): the suite and the firing rate.
+   overrides of its own, e.g. ``new:gamma=0.1``): the suite and the firing rate. With
+   ``--stage2-after N`` the Stage-2 runs come after the first N variants (``best`` among those),
+   and the remaining variants after them, so a cut run still has a student.
+
+A variant may set its own budgets (``seconds_1b``, ``seconds_1c``, ``seconds_2``; the flags give
+the defaults) and batch (``micro_batch`` with its learning rates); ``base=best`` starts from the
+overrides of the best variant run before it (e.g. ``long:base=best,seconds_1c=300``: the same
+recipe at a longer budget, a point of a tokens-vs-quality curve). A variant that runs out of GPU
+memory is recorded as such and the next one runs.
 
 Results are written after every phase (``recipe_ablation.json``, ``recipe_ablation.md``) under
 ``--out``; the last line printed is the JSON summary. Usage on the GPU machine:
@@ -67,6 +75,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--stage2", action="append", default=[],
                     help="VARIANT[:field=value,...]: Stage 2 from that Stage-1 variant, with these overrides "
                          "('best': the variant with the highest mean kept share)")
+    ap.add_argument("--stage2-after", type=int, default=None, metavar="N",
+                    help="run the --stage2 list after the first N variants (default: after all)")
     ap.add_argument("--seconds-1b", type=float, default=40.0)
     ap.add_argument("--seconds-1c", type=float, default=100.0)
     ap.add_argument("--seconds-2", type=float, default=120.0)
@@ -80,7 +90,8 @@ def main(argv=None) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     common = dict(PRESETS["gpu"], data=args.data, generated_tokens=args.generated_tokens, ablation_neurons=[],
-                  throughput_steps=0, ckpt_every=100000)
+                  throughput_steps=0, ckpt_every=100000, seconds_1b=args.seconds_1b, seconds_1c=args.seconds_1c,
+                  seconds_2=args.seconds_2)
     for item in args.set:
         k, _, v = item.partition("=")
         common[k] = _value(v)
@@ -89,7 +100,7 @@ def main(argv=None) -> dict:
                                                              "teacher:dt_init=teacher,normalize_memory=True"])]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     results: dict = {"config": dataclasses.asdict(base), "variants": dict(variants), "seconds": {}, "models": {},
-                     "memory": {}, "cut_context": {}, "stage_tokens": {}, "firing_rate": {}}
+                     "memory": {}, "cut_context": {}, "stage_tokens": {}, "firing_rate": {}, "failed": {}}
     t0 = time.time()
 
     def save():
@@ -133,13 +144,21 @@ def main(argv=None) -> dict:
     results["memory"]["teacher_attention_span"] = span.tolist()
     results["memory"]["teacher_sink_mass"] = sink.tolist()
     stage1 = {}
-    for name, over in variants:
+
+    def best_stage1():
+        kept = compare(results["models"], results["tasks"], "teacher")
+        return max(stage1, key=lambda v: kept[f"{v} stage1"]["mean_kept"] or 0.0)
+
+    def run_stage1(name, over):
+        if over.get("base") == "best":
+            over = {**results["variants"][best_stage1()], **{k: v for k, v in over.items() if k != "base"}}
+            results["variants"][name] = over
         cfg = dataclasses.replace(base, **over)
         torch.manual_seed(cfg.seed)
         student = init_student(cfg, teacher, train).to(device)
         results["memory"][f"{name}_init"] = head_memory(student, ids).tolist()
-        for st, fn, secs, lr in (("stage1b", loss_1b, args.seconds_1b, cfg.lr_1b),
-                                 ("stage1c", loss_1c, args.seconds_1c, cfg.lr_1c)):
+        for st, fn, secs, lr in (("stage1b", loss_1b, cfg.seconds_1b, cfg.lr_1b),
+                                 ("stage1c", loss_1c, cfg.seconds_1c, cfg.lr_1c)):
             t = time.time()
             tr = make_trainer(cfg, f"{name}-{st}", student, teacher, fn, 100000, lr, secs, train, Path(args.work), device,
                               trainable=cfg.train_1)
@@ -151,12 +170,12 @@ def main(argv=None) -> dict:
         results["memory"][f"{name}_stage1"] = head_memory(student, ids).tolist()
         evaluate(f"{name} stage1", student)
         stage1[name] = (cfg, student)
-    for spec in args.stage2:
+
+    def run_stage2(spec):
         name, over = parse_variant(spec)
-        if name == "best":  # the Stage-1 variant that keeps the most of the teacher's margin
-            kept = compare(results["models"], results["tasks"], "teacher")
-            name = max(stage1, key=lambda v: kept[f"{v} stage1"]["mean_kept"] or 0.0)
-            results["best_stage1"] = name
+        if name == "best":  # the Stage-1 variant (of those run so far) that keeps the most of the teacher's margin
+            name = best_stage1()
+            results.setdefault("best_stage1", {})[spec] = name
             spec = name + spec[len("best"):]
         cfg, s1 = stage1[name]
         cfg = dataclasses.replace(cfg, **over)
@@ -166,7 +185,7 @@ def main(argv=None) -> dict:
         spiking.to(device)
         spiking.calibrate_thresholds([train[:cfg.micro_batch].to(device)], percentile=cfg.calib_percentile)
         t = time.time()
-        tr = make_trainer(cfg, f"{name}-stage2", spiking, s1, make_loss_2(cfg), 100000, cfg.lr_2, args.seconds_2,
+        tr = make_trainer(cfg, f"{name}-stage2", spiking, s1, make_loss_2(cfg), 100000, cfg.lr_2, cfg.seconds_2,
                           train, Path(args.work), device, trainable=cfg.train_2)
         tr.run()
         spiking = tr.result().student.eval()
@@ -176,6 +195,25 @@ def main(argv=None) -> dict:
         rates = [v["firing_rate"] for k, v in activity.items() if isinstance(k, tuple)]
         results["firing_rate"][name] = sum(rates) / len(rates)
         evaluate(f"{name} student", spiking)
+
+    def guarded(label, fn, *a):
+        """Run one phase; out of GPU memory, record it and go on with the next."""
+        try:
+            fn(*a)
+        except torch.OutOfMemoryError as err:
+            results["failed"][label] = f"out of GPU memory: {str(err).splitlines()[0]}"
+            print(f"{label}: out of GPU memory, skipped", flush=True)
+            torch.cuda.empty_cache()
+            save()
+
+    after = len(variants) if args.stage2_after is None else args.stage2_after
+    for name, over in variants[:after]:
+        guarded(name, run_stage1, name, over)
+    for spec in args.stage2:
+        if stage1:
+            guarded(f"{spec} stage2", run_stage2, spec)
+    for name, over in variants[after:]:
+        guarded(name, run_stage1, name, over)
     save()
     summary = {"kept": results.get("kept"), "wall_seconds": results["wall_seconds"]}
     print(json.dumps(summary))
