@@ -8,9 +8,11 @@ One process: the teacher and the data are prepared once (as ``neuro-mar refine``
    initialisation) from the same data and the same wall-time budgets for 1b and 1c: its head
    memory before and after training, the dev suite, the cut-context probe;
 3. Stage 2 (ATMN, SBDS) from the Stage-1 model of each variant named in ``--stage2`` (with
-   overrides of its own, e.g. ``new:gamma=0.1``): the suite and the firing rate. With
-   ``--stage2-after N`` the Stage-2 runs come after the first N variants (``best`` among those),
-   and the remaining variants after them, so a cut run still has a student.
+   overrides of its own, e.g. ``new:gamma=0.1``; ``stage2_teacher=teacher`` distils from the
+   dense teacher instead of the Stage-1 model): the suite and the firing rate.
+
+The phases run in the order given on the command line, so ``--stage2 best`` placed after two
+variants picks the better of those two and a run cut short still has its student.
 
 A variant may set its own budgets (``seconds_1b``, ``seconds_1c``, ``seconds_2``; the flags give
 the defaults) and batch (``micro_batch`` with its learning rates); ``base=best`` starts from the
@@ -71,12 +73,11 @@ def main(argv=None) -> dict:
     ap.add_argument("--suite-dir", required=True, help="folder of the dev suite's files")
     ap.add_argument("--out", default=os.environ.get("OUT") or "benchmarks/results/recipe_ablation")
     ap.add_argument("--work", default="/tmp/recipe_ablation_runs", help="trainer checkpoints and metrics")
-    ap.add_argument("--variant", action="append", default=None, help="NAME[:field=value,...] (repeatable)")
-    ap.add_argument("--stage2", action="append", default=[],
+    ap.add_argument("--variant", dest="phases", action="append", type=lambda v: ("stage1", v), default=[], metavar="SPEC",
+                    help="NAME[:field=value,...]: a Stage-1 variant (repeatable)")
+    ap.add_argument("--stage2", dest="phases", action="append", type=lambda v: ("stage2", v), metavar="SPEC",
                     help="VARIANT[:field=value,...]: Stage 2 from that Stage-1 variant, with these overrides "
-                         "('best': the variant with the highest mean kept share)")
-    ap.add_argument("--stage2-after", type=int, default=None, metavar="N",
-                    help="run the --stage2 list after the first N variants (default: after all)")
+                         "('best': the variant run so far with the highest mean kept share)")
     ap.add_argument("--seconds-1b", type=float, default=40.0)
     ap.add_argument("--seconds-1c", type=float, default=100.0)
     ap.add_argument("--seconds-2", type=float, default=120.0)
@@ -96,8 +97,9 @@ def main(argv=None) -> dict:
         k, _, v = item.partition("=")
         common[k] = _value(v)
     base = RefineConfig(**common)
-    variants = [parse_variant(v) for v in (args.variant or ["range:dt_init=range,normalize_memory=False",
-                                                             "teacher:dt_init=teacher,normalize_memory=True"])]
+    if not any(kind == "stage1" for kind, _ in args.phases):
+        args.phases[:0] = [("stage1", "range:dt_init=range,ssm_input_gain=none"), ("stage1", "teacher:")]
+    variants = [parse_variant(v) for kind, v in args.phases if kind == "stage1"]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     results: dict = {"config": dataclasses.asdict(base), "variants": dict(variants), "seconds": {}, "models": {},
                      "memory": {}, "cut_context": {}, "stage_tokens": {}, "firing_rate": {}, "failed": {}}
@@ -185,7 +187,8 @@ def main(argv=None) -> dict:
         spiking.to(device)
         spiking.calibrate_thresholds([train[:cfg.micro_batch].to(device)], percentile=cfg.calib_percentile)
         t = time.time()
-        tr = make_trainer(cfg, f"{name}-stage2", spiking, s1, make_loss_2(cfg), 100000, cfg.lr_2, cfg.seconds_2,
+        teacher_2 = teacher if cfg.stage2_teacher == "teacher" else s1
+        tr = make_trainer(cfg, f"{name}-stage2", spiking, teacher_2, make_loss_2(cfg), 100000, cfg.lr_2, cfg.seconds_2,
                           train, Path(args.work), device, trainable=cfg.train_2)
         tr.run()
         spiking = tr.result().student.eval()
@@ -206,14 +209,12 @@ def main(argv=None) -> dict:
             torch.cuda.empty_cache()
             save()
 
-    after = len(variants) if args.stage2_after is None else args.stage2_after
-    for name, over in variants[:after]:
-        guarded(name, run_stage1, name, over)
-    for spec in args.stage2:
-        if stage1:
+    for kind, spec in args.phases:
+        if kind == "stage1":
+            name, over = parse_variant(spec)
+            guarded(name, run_stage1, name, over)
+        elif stage1:
             guarded(f"{spec} stage2", run_stage2, spec)
-    for name, over in variants[after:]:
-        guarded(name, run_stage1, name, over)
     save()
     summary = {"kept": results.get("kept"), "wall_seconds": results["wall_seconds"]}
     print(json.dumps(summary))
