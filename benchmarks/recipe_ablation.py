@@ -85,6 +85,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--limit", type=int, default=0, help="documents per suite task (0 = all)")
     ap.add_argument("--tasks", nargs="*", default=None, metavar="LABEL",
                     help="score only these entries of the dev suite (default: all of them)")
+    ap.add_argument("--best-by", nargs="*", default=None, metavar="LABEL",
+                    help="accuracy tasks whose mean kept share picks 'best' (default: every accuracy task; "
+                         "tasks of a few hundred questions with a small teacher margin make it noisy)")
     ap.add_argument("--cut", type=int, nargs="*", default=[16, 32, 64], help="LAMBADA context cuts (tokens)")
     ap.add_argument("--set", action="append", default=[], help="field=value for every run (RefineConfig)")
     args = ap.parse_args(argv)
@@ -114,10 +117,6 @@ def main(argv=None) -> dict:
             atomic_write_text(out / "recipe_ablation.md", table + "\n")
             results["kept"] = compare(results["models"], info, "teacher")
 
-    teacher, tok, train, _ = prepare(base)
-    teacher.to(device).requires_grad_(False)
-    results["seconds"]["prepare"] = time.time() - t0
-    results["train_tokens"] = int(train.numel())
     entries = load_suite("dev", args.suite_dir, None, args.limit or None)
     if args.tasks:
         unknown = sorted(set(args.tasks) - {e.label for e in entries})
@@ -125,7 +124,15 @@ def main(argv=None) -> dict:
             raise SystemExit(f"error: --tasks {' '.join(unknown)}: not in the dev suite "
                              f"({' '.join(e.label for e in entries)})")
         entries = [e for e in entries if e.label in args.tasks]
+    for label in args.best_by or []:
+        match = [e for e in entries if e.label == label]
+        if not match or match[0].task.kind == "rolling":
+            raise SystemExit(f"error: --best-by {label}: not an accuracy task of the suite being scored")
     results["tasks"] = describe(entries)
+    teacher, tok, train, _ = prepare(base)
+    teacher.to(device).requires_grad_(False)
+    results["seconds"]["prepare"] = time.time() - t0
+    results["train_tokens"] = int(train.numel())
     lambada = [e for e in entries if e.task.kind == "target"]
 
     def evaluate(name, model):
@@ -149,7 +156,14 @@ def main(argv=None) -> dict:
 
     def best_stage1():
         kept = compare(results["models"], results["tasks"], "teacher")
-        return max(stage1, key=lambda v: kept[f"{v} stage1"]["mean_kept"] or 0.0)
+
+        def score(v):
+            row = kept[f"{v} stage1"]
+            if not args.best_by:
+                return row["mean_kept"] or 0.0
+            vals = [row.get(label) for label in args.best_by]
+            return sum(x for x in vals if x is not None) / len(vals)
+        return max(stage1, key=score)
 
     def run_stage1(name, over):
         if over.get("base") == "best":

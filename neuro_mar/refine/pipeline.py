@@ -131,10 +131,13 @@ PRESETS = {
                   micro_batch=4, ckpt_every=10, eval_rows=12),
     # one H200 within about 20 minutes: bf16 autocast and the fused kernels on CUDA; each stage
     # stops at its wall-time budget (13 min of training; loading, generation, kernel compilation
-    # and evaluation take the rest); WikiText-2 valid and ARC come in through --eval-data/--eval-task
+    # and evaluation take the rest); WikiText-2 valid and ARC come in through --eval-data/--eval-task.
+    # 32 x 1024 tokens per step: at 16 the host, not the GPU, set the pace (about 47k tokens/s in
+    # Stage 1c against 104k at 32), and in the same wall time 32 kept more of the teacher than 16 or
+    # 64 (docs/quality.md, ablation 3); learning rates scaled by the square root of the batch
     "gpu": dict(seq_len=1024, generated_tokens=131072, mix_generated=True, steps_1a=0, steps_1b=4000,
                 steps_1c=8000, steps_2=8000, seconds_1b=90, seconds_1c=330, seconds_2=300, seconds_ablation=60,
-                micro_batch=16, grad_accum=1, ckpt_every=200, eval_rows=32, lr_1b=1e-3, lr_1c=3e-4, lr_2=2e-4,
+                micro_batch=32, grad_accum=1, ckpt_every=100, eval_rows=32, lr_1b=1.4e-3, lr_1c=4.2e-4, lr_2=2.8e-4,
                 warmup=30, eval_max_tokens=0, ablation_neurons=["binary"], throughput_steps=6),
     # the smallest end-to-end run (tests, smoke checks)
     "tiny": dict(seq_len=32, generated_tokens=2048, steps_1a=2, steps_1b=3, steps_1c=3, steps_2=3, micro_batch=2,
