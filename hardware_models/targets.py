@@ -130,8 +130,21 @@ def get_target(name_or_path: str) -> CostTable:
                      "or give a .toml/.json cost table (see hardware_models/targets.py for the fields)")
 
 
+#: the schema of a user table's fields beyond the required name / kind / source / scope
+TEXT_FIELDS = ("name", "kind", "source", "scope", "dense_fallback", "notes")
+ENERGY_FIELDS = ("e_ac", "e_mac", "e_mul", "e_add", "e_act", "e_neuron_update", "e_mem_byte")  # pJ, >= 0
+COUNT_FIELDS = ("neurons_per_core", "fanin_per_core", "synapse_bits_per_core", "weight_bits", "cores_per_chip")
+RATE_FIELDS = {"static_power_w_per_chip": "watts", "timestep_hz": "hertz"}
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
 def load_table(path: str | Path) -> CostTable:
-    """Read a user cost table; errors name the file and the field."""
+    """Read a user cost table; errors name the file and the field. Energies are finite pJ >= 0,
+    mapping limits whole numbers >= 1 (a limit that is not published is left out or null, never
+    0), power and tick rate finite and > 0, text fields strings; booleans are not numbers."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"cost table {path} does not exist")
@@ -154,10 +167,24 @@ def load_table(path: str | Path) -> CostTable:
         raise ValueError(f"cost table {path}: missing field(s) {missing} (every constant needs a source and scope)")
     if data["kind"] not in ("digital", "neuromorphic", "gpu"):
         raise ValueError(f"cost table {path}: kind must be digital, neuromorphic or gpu, got {data['kind']!r}")
-    for k in ("e_ac", "e_mac", "e_mul", "e_add", "e_act", "e_neuron_update", "e_mem_byte"):
+    for k in TEXT_FIELDS:
         v = data.get(k)
-        if v is not None and (not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0):
+        if v is not None and not isinstance(v, str):
+            raise ValueError(f"cost table {path}: {k} must be a string, got {v!r}")
+    for k in ENERGY_FIELDS:
+        v = data.get(k)
+        if v is not None and not (_is_number(v) and math.isfinite(v) and v >= 0):
             raise ValueError(f"cost table {path}: {k} must be a finite non-negative number of pJ, got {v!r}")
+    for k in COUNT_FIELDS:
+        v = data.get(k)
+        if v is not None and not (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
+            raise ValueError(f"cost table {path}: {k} must be a whole number >= 1, got {v!r} "
+                             "(leave it out, or null, for a limit that is not published)")
+    for k, unit in RATE_FIELDS.items():
+        v = data.get(k)
+        if v is not None and not (_is_number(v) and math.isfinite(v) and v > 0):
+            raise ValueError(f"cost table {path}: {k} must be a finite number > 0 of {unit}, got {v!r} "
+                             "(leave it out, or null, when not published)")
     if data.get("dense_fallback") and data["dense_fallback"] not in TARGETS:
         raise ValueError(f"cost table {path}: dense_fallback {data['dense_fallback']!r} is not a registered target")
     return CostTable(**data)

@@ -277,6 +277,11 @@ def _cmd_generate(args) -> int:
             raise SystemExit("error: --prompt is empty and the tokenizer has neither an end-of-text nor a BOS "
                              "token to start from; give a prompt")
         ids = torch.tensor([[start]])
+    with torch.no_grad():
+        first = model(input_ids=ids.to(model.device)).logits[0, -1]
+    if not bool(torch.isfinite(first).all()):
+        raise SystemExit(f"error: {args.model} gives NaN or infinite logits for the prompt: its weights are broken "
+                         "(a diverged training step or a damaged file); nothing was generated")
     torch.manual_seed(args.seed)
     out = model.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
                          temperature=args.temperature if args.temperature > 0 else None,

@@ -1,11 +1,65 @@
 """Atomic file writes: a temporary file in the target's folder, then a rename, so a crash never
-leaves a half-written file under the final name."""
+leaves a half-written file under the final name.
+
+Temporaries are named ``.NAME.PID.RANDOM[SUFFIX]`` after the target and the writing process; a
+writer killed before its rename (SIGKILL, power loss) leaves one behind, and the next write of the
+same target removes those whose process no longer runs (:func:`remove_stale_temps`)."""
 from __future__ import annotations
 
 import contextlib
 import os
+import re
+import shutil
 import tempfile
 from pathlib import Path
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return pid > 0  # another user's process (or a number no process can have)
+    return True
+
+
+def temp_prefix(path: Path) -> str:
+    """The name prefix of this process's temporaries for ``path``."""
+    return f".{path.name}.{os.getpid()}."
+
+
+def remove_stale_temps(path: str | Path) -> list[Path]:
+    """Remove the temporaries (files or folders) of ``path`` left by writers that no longer run;
+    returns what was removed. Those of running processes, this one included, are kept."""
+    path = Path(path)
+    pattern = re.compile(re.escape(f".{path.name}.") + r"(\d+)\..+")
+    removed = []
+    if not path.parent.is_dir():
+        return removed
+    for p in path.parent.iterdir():
+        m = pattern.fullmatch(p.name)
+        if m is None or _alive(int(m.group(1))):
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+        removed.append(p)
+    return removed
+
+
+def make_temp(path: str | Path, suffix: str = "", folder: bool = False) -> Path:
+    """A new temporary file (or folder) beside ``path`` for a write that ends in a rename onto it;
+    stale temporaries of ``path`` are removed first."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(path)
+    if folder:
+        return Path(tempfile.mkdtemp(dir=path.parent, prefix=temp_prefix(path), suffix=suffix))
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=temp_prefix(path), suffix=suffix)
+    os.close(fd)
+    return Path(tmp)
 
 
 @contextlib.contextmanager
@@ -13,9 +67,7 @@ def atomic_target(path: str | Path, suffix: str = ".tmp"):
     """Yields a temporary path beside ``path`` (ending in ``suffix``, for writers that go by it) to
     write; renamed onto ``path`` when the block finishes, removed when it raises."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
-    os.close(fd)
+    tmp = str(make_temp(path, suffix))
     try:
         yield tmp
         os.replace(tmp, path)

@@ -1,5 +1,5 @@
 """Process-wide choices read from the environment (``NEURO_MAR_SSM_BACKEND``, ``NEURO_MAR_KERNELS``,
-``NEURO_MAR_FAST_LAUNCH``): one check, so a mistyped value stops with the variable, the value and
+``NEURO_MAR_FAST_LAUNCH``, ``NEURO_MAR_CHECK_FINITE``): one check, so a mistyped value stops with the variable, the value and
 the choices instead of silently meaning the default."""
 from __future__ import annotations
 

@@ -11,10 +11,11 @@ import hashlib
 import importlib.util
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
+
+from .io_utils import make_temp
 
 DEFAULT_TEACHER = "smollm2-135m"
 _WHEEL_TEACHERS = {
@@ -60,7 +61,7 @@ def gguf_to_safetensors(gguf: Path, cache_dir: Path | None = None) -> Path:
     if (final / "config.json").is_file():
         return final
     root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
+    tmp = make_temp(final, folder=True)
     try:
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
         tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)

@@ -296,3 +296,134 @@ def test_resume_of_a_run_recorded_before_an_option_existed():
     assert config_changes(saved, RefineConfig()) == []
     assert config_changes(saved, replace(RefineConfig(), train_1="mixers")) == ["--train-1 None -> 'mixers'"]
     assert config_changes(saved, replace(RefineConfig(), eval_limit=5, steps_2=7)) == ["--steps-2 40 -> 7"]
+
+
+def test_generate_from_a_nan_model_is_an_error(tmp_path):
+    """A broken model printed an empty string (greedy argmax of NaN logits); now one error line."""
+    from tiny import tiny_mar
+
+    from test_refine import _tokenizer
+
+    m = tiny_mar(seed=0)
+    with torch.no_grad():
+        m.model.norm.weight.fill_(float("nan"))
+    m.save_pretrained(tmp_path / "m")
+    _tokenizer().save_pretrained(tmp_path / "m")
+    with pytest.raises(SystemExit, match="error: .* gives NaN or infinite logits for the prompt"):
+        main(["generate", str(tmp_path / "m"), "--prompt", "w1 w2", "--max-new-tokens", "3"])
+
+
+def test_spike_sites_raise_on_non_finite_input_with_the_debug_knob():
+    """A NaN upstream of a site gives finite spikes (a neuron compares, it does not propagate NaN);
+    with the check on, the first site that sees it raises, naming itself; off, nothing changes."""
+    from tiny import tiny_mar
+
+    from neuro_mar.neurons import NonFiniteSiteInput, check_finite_enabled, set_check_finite
+
+    m = tiny_mar(seed=0, neurons={"mlp.in": "atmn"})
+    ids = torch.randint(0, 97, (2, 16))
+    m.calibrate_thresholds([ids])
+    with torch.no_grad():
+        m.model.layers[1].post_attention_layernorm.weight[3] = float("nan")
+    assert not check_finite_enabled()
+    with torch.no_grad():
+        m(input_ids=ids)  # no error with the knob off (the default)
+    set_check_finite(True)
+    try:
+        with pytest.raises(NonFiniteSiteInput, match=r"model.layers.1.mlp.in_site: the input holds 32 NaN .*channels \[3\]"):
+            m(input_ids=ids)
+        with torch.no_grad():
+            m.model.layers[1].post_attention_layernorm.weight[3] = 1.0
+        m(input_ids=ids)  # finite again: no error
+    finally:
+        set_check_finite(False)
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("neurons_per_core", -5, "neurons_per_core must be a whole number >= 1, got -5"),
+    ("neurons_per_core", 0, r"neurons_per_core must be a whole number >= 1, got 0 \(leave it out"),
+    ("cores_per_chip", 0, "cores_per_chip must be a whole number >= 1"),
+    ("weight_bits", 0, "weight_bits must be a whole number >= 1"),
+    ("fanin_per_core", 256.5, "fanin_per_core must be a whole number >= 1, got 256.5"),
+    ("synapse_bits_per_core", "big", "synapse_bits_per_core must be a whole number >= 1, got 'big'"),
+    ("weight_bits", True, "weight_bits must be a whole number >= 1, got True"),
+    ("e_ac", True, "e_ac must be a finite non-negative number of pJ, got True"),
+    ("e_mac", "4.6", "e_mac must be a finite non-negative number of pJ, got '4.6'"),
+    ("static_power_w_per_chip", -1.0, "static_power_w_per_chip must be a finite number > 0 of watts"),
+    ("timestep_hz", 0, "timestep_hz must be a finite number > 0 of hertz"),
+    ("notes", 3, "notes must be a string, got 3"),
+])
+def test_cost_table_mapping_fields_are_checked(tmp_path, field, value, match):
+    """Mapping limits, powers and energies of a user cost table: refused with the file and field
+    before anything is counted (0 no longer means 'unset', true is not 1 pJ, a string does not
+    crash after counting)."""
+    from neuro_mar.hardware_models import load_table
+
+    good = {"name": "mychip", "kind": "neuromorphic", "source": "datasheet v1", "scope": "synop only",
+            "e_ac": 2.0, "e_mac": 2.0, "e_mul": 2.0, "e_add": 2.0, "dense_fallback": "45nm-int8",
+            "neurons_per_core": 256, "weight_bits": 8}
+    path = tmp_path / "chip.json"
+    path.write_text(json.dumps({**good, field: value}))
+    with pytest.raises(ValueError, match=f"cost table {path}: {match}"):
+        load_table(path)
+    path.write_text(json.dumps({**good, "cores_per_chip": None}))
+    assert load_table(path).cores_per_chip is None  # null: not published
+    with pytest.raises(SystemExit, match=f"error: cost table .*{field}"):
+        path.write_text(json.dumps({**good, field: value}))
+        main(["energy", "smollm2-135m", "--target", str(path)])
+
+
+def _killed_writer(code: str) -> None:
+    """Run ``code`` in a fresh interpreter that SIGKILLs itself at the end (a writer killed before
+    its rename)."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", code + "\nimport os, signal; os.kill(os.getpid(), signal.SIGKILL)"])
+    assert proc.returncode == -9
+
+
+def test_temporaries_of_killed_writes_are_removed_by_the_next_write(tmp_path):
+    """A killed write leaves its temporary (a file, a trace's .part, a model folder); the next write
+    of the same target removes it, and never one of a writer that still runs."""
+    import os
+
+    from neuro_mar.io_utils import atomic_write_text, make_temp, temp_prefix
+    from neuro_mar.traces.sonata import SonataWriter
+
+    target, trace, folder = tmp_path / "report.json", tmp_path / "spikes.h5", tmp_path / "student"
+    _killed_writer(f"from neuro_mar.io_utils import atomic_target\n"
+                   f"cm = atomic_target({str(target)!r}); t = cm.__enter__(); open(t, 'w').write('half')\n"
+                   f"from neuro_mar.traces.sonata import SonataWriter\n"
+                   f"w = SonataWriter({str(trace)!r}, T=4, L_max=8)\n"
+                   f"from neuro_mar.io_utils import make_temp\n"
+                   f"make_temp({str(folder)!r}, folder=True)")
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert len(left) == 3 and all(n.startswith((".report.json.", ".spikes.h5.", ".student.")) for n in left), left
+    live = make_temp(target)  # this process's own temporary: kept
+    assert live.name.startswith(temp_prefix(target))
+    atomic_write_text(target, "{}")
+    with SonataWriter(trace, T=4, L_max=8):
+        pass
+    make_temp(folder, folder=True).rmdir()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, "report.json", "spikes.h5"])
+    assert target.read_text() == "{}"
+    os.unlink(live)
+
+
+def test_a_tokenizer_larger_than_the_teachers_vocabulary_is_refused(tmp_path, data_file):
+    """Token ids past the teacher's embedding failed only inside Stage 1 (an index error after the
+    run folder existed); now refused before anything is written."""
+    from tiny import tiny_llama
+
+    from test_refine import _tokenizer
+
+    d = tmp_path / "teacher"
+    teacher = tiny_llama()
+    teacher.resize_token_embeddings(40)  # the tokenizer has 93 tokens
+    teacher.save_pretrained(d)
+    _tokenizer().save_pretrained(d)
+    with pytest.raises(SystemExit, match=r"error: the tokenizer gives token id \d+ \(it has 93 tokens\) but the "
+                                         r"teacher's embedding has 40 rows"):
+        main(BASE + ["--out", str(tmp_path / "run"), "--teacher", str(d), "--data", str(data_file)])
+    assert not (tmp_path / "run").exists()

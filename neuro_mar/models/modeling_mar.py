@@ -23,7 +23,7 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.utils import ModelOutput
 
-from ..neurons import SpikeSite, create, swap_neurons
+from ..neurons import SpikeSite, create, name_sites, swap_neurons
 from ..neurons.input_once import InputOnceMixin
 from ..ssm import DiscreteMamba2, MixerState
 from ..ssm.discrete_mamba2 import dt_bias_init
@@ -234,6 +234,7 @@ class MARForCausalLM(MARPreTrainedModel, GenerationMixin):
         self.model = MARModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
+        name_sites(self)
 
     def get_input_embeddings(self):
         return self.model.embed_tokens

@@ -11,10 +11,10 @@ except ImportError as err:  # pragma: no cover - exercised only on a broken inst
 from .adapters import SILIF, Dense, SnnTorchLeaky, SpikingJellyInputOnce
 from .atmn import ATMN
 from .registry import SwapSummary, available, create, register, swap_neurons
-from .site import SpikeSite
+from .site import NonFiniteSiteInput, SpikeSite, check_finite_enabled, name_sites, set_check_finite
 from .surrogates import resolve_surrogate, surrogate_names
 
 __all__ = [
     "ATMN", "SILIF", "Dense", "SnnTorchLeaky", "SpikingJellyInputOnce", "SpikeSite", "SwapSummary",
-    "available", "create", "register", "swap_neurons", "resolve_surrogate", "surrogate_names",
+    "NonFiniteSiteInput", "check_finite_enabled", "name_sites", "set_check_finite", "available", "create", "register", "swap_neurons", "resolve_surrogate", "surrogate_names",
 ]

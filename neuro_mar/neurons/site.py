@@ -1,4 +1,10 @@
-"""SpikeSite: the module MAR places before a projection."""
+"""SpikeSite: the module MAR places before a projection.
+
+A neuron turns a NaN or infinite input into some spike pattern without complaint, so a model gone
+bad upstream of a site can look finite downstream. The debug knob ``NEURO_MAR_CHECK_FINITE=1`` (or
+:func:`set_check_finite`) makes every site check its input and raise :class:`NonFiniteSiteInput`
+naming the site; it costs one host synchronisation per site call, so it is off by default.
+"""
 from __future__ import annotations
 
 from typing import Callable
@@ -6,7 +12,31 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ..knobs import Knob
+
 Recorder = Callable[["SpikeSite", torch.Tensor], None]
+
+_check_finite = Knob("spike-site non-finite check", "NEURO_MAR_CHECK_FINITE", ("0", "1"), "0")
+
+
+def set_check_finite(on: bool) -> None:
+    """Turn the spike sites' non-finite input check on or off for this process."""
+    _check_finite.set("1" if on else "0")
+
+
+def check_finite_enabled() -> bool:
+    return _check_finite.value == "1"
+
+
+class NonFiniteSiteInput(ValueError):
+    """A spike site's input held NaN or infinite values (raised only with the check on)."""
+
+
+def name_sites(model: nn.Module) -> None:
+    """Give every SpikeSite of ``model`` its qualified module name (used in error messages)."""
+    for name, mod in model.named_modules():
+        if isinstance(mod, SpikeSite):
+            mod.site_name = name
 
 
 class _RecorderHandle:
@@ -42,6 +72,7 @@ class SpikeSite(nn.Module):
         self._next_key = 0
         self._counts: torch.Tensor | None = None  # [positive, negative, elements], on x's device
         self.calls = 0
+        self.site_name: str | None = None  # set by name_sites (MARForCausalLM does it)
 
     @property
     def is_dense(self) -> bool:
@@ -56,7 +87,20 @@ class SpikeSite(nn.Module):
             self._counts = torch.zeros(3, dtype=torch.long, device=device)
         return self._counts
 
+    def _check_input(self, x: torch.Tensor) -> None:
+        bad = ~torch.isfinite(x)
+        if bool(bad.any()):
+            channels = bad.reshape(-1, x.shape[-1]).any(0).nonzero().flatten()
+            shown = channels[:8].tolist()
+            more = f" and {channels.numel() - 8} more" if channels.numel() > 8 else ""
+            raise NonFiniteSiteInput(
+                f"{self.site_name or 'a spike site'}: the input holds {int(bad.sum())} NaN or infinite values "
+                f"(channels {shown}{more}); the model is broken upstream of this site (weights, data or a "
+                "diverged step)")
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _check_finite.value == "1":
+            self._check_input(x)
         if self.is_dense:
             if self.counting:
                 self._counters(x.device)[2] += x.numel()

@@ -20,7 +20,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from ..convert import llama_to_mar
-from ..io_utils import atomic_write_text
+from ..io_utils import atomic_write_text, make_temp
 from ..models import SITE_KINDS
 from ..models.configuration_mar import SSM_INPUT_GAINS
 from ..models.modeling_mar import TRAINABLE_GROUPS
@@ -365,6 +364,11 @@ def prepare(cfg: RefineConfig, progress: bool = True):
                                          texts=texts or None, continuation_share=cfg.gen_continuation_share,
                                          temperature=cfg.gen_temperature, top_p=cfg.gen_top_p)
     rows = tokenize_and_pack(texts, tok, cfg.seq_len, cfg.max_tokens)
+    vocab = teacher.get_input_embeddings().weight.shape[0]
+    if rows.numel() and int(rows.max()) >= vocab:
+        raise RefineError(f"the tokenizer gives token id {int(rows.max())} (it has {len(tok)} tokens) but the "
+                          f"teacher's embedding has {vocab} rows: the tokenizer is not the teacher's; give the "
+                          "teacher folder with its own tokenizer")
     train, held = split_heldout(rows, cfg.heldout_fraction)
     if train.shape[0] < cfg.micro_batch:
         raise DataError(f"{train.shape[0]} training sequences of {cfg.seq_len} tokens are fewer than one micro-batch "
@@ -454,8 +458,7 @@ def make_trainer(cfg: RefineConfig, name: str, model, teacher_model, fn, steps: 
 
 def _save_model(model, tok, path: Path) -> None:
     """save_pretrained into a temporary folder, then rename (atomic)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    tmp = make_temp(path, folder=True)
     try:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)

@@ -22,12 +22,13 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
 import numpy as np
+
+from ..io_utils import make_temp
 
 SONATA_MAGIC = 0x0A7A
 FORMAT = "neuro-mar-trace/1"
@@ -67,9 +68,7 @@ class SonataWriter:
         self.compression = compression
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".part")
-        os.close(fd)
-        self.tmp = Path(tmp)
+        self.tmp = make_temp(self.path, ".part")
         self.f = h5py.File(self.tmp, "w")
         self.f.attrs.create("magic", SONATA_MAGIC, dtype=np.uint32)
         self.f.attrs.create("version", np.array([0, 1], dtype=np.uint32))
