@@ -88,8 +88,8 @@ class MARBlock(nn.Module):
         self.post_attention_layernorm = MARRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MARMLP(config, layer_idx)
 
-    def forward(self, h, state: MixerState | None = None):
-        mixed, new_state = self.mixer(self.input_layernorm(h), state)
+    def forward(self, h, state: MixerState | None = None, mask: torch.Tensor | None = None):
+        mixed, new_state = self.mixer(self.input_layernorm(h), state, mask=mask)
         h = h + mixed
         h = h + self.mlp(self.post_attention_layernorm(h))
         return h, new_state
@@ -125,6 +125,12 @@ class MARCausalLMOutput(ModelOutput):
     logits: torch.FloatTensor | None = None
     cache_params: MARCache | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
+
+    @property
+    def past_key_values(self) -> MARCache | None:
+        """The recurrent cache under the name most callers look for (the same object as
+        ``cache_params``; a recurrent state, not keys and values)."""
+        return self.cache_params
 
 
 @dataclass
@@ -180,6 +186,19 @@ class MARPreTrainedModel(PreTrainedModel):
         return (model, info) if want_info else model
 
 
+def _token_mask(attention_mask: torch.Tensor | None, shape) -> torch.Tensor | None:
+    """The ``[b, l]`` mask of the tokens being fed (the last ``l`` columns of ``attention_mask``),
+    or None when there is none or nothing is masked (the unmasked path stays the fast one)."""
+    if attention_mask is None:
+        return None
+    b, l = shape
+    if attention_mask.dim() != 2 or attention_mask.shape[0] != b or attention_mask.shape[1] < l:
+        raise ValueError(f"attention_mask must be [batch, length] with at least the {l} positions being fed for "
+                         f"batch {b}, got {tuple(attention_mask.shape)}")
+    mask = attention_mask[:, attention_mask.shape[1] - l:]
+    return None if bool(mask.all()) else mask
+
+
 class MARModel(MARPreTrainedModel):
     def __init__(self, config: MARConfig):
         super().__init__(config)
@@ -197,10 +216,14 @@ class MARModel(MARPreTrainedModel):
 
     def forward(self, input_ids=None, inputs_embeds=None, cache_params: MARCache | None = None,
                 use_cache: bool | None = None, output_hidden_states: bool | None = None,
-                return_dict: bool | None = None, **kwargs):
+                return_dict: bool | None = None, attention_mask: torch.Tensor | None = None, **kwargs):
+        """``attention_mask [b, l]`` (or ``[b, seen + l]`` when continuing a cache: its last ``l``
+        columns are used): padded positions neither enter nor change any mixer's state, so left
+        padding gives each row what it gives alone (see :class:`~neuro_mar.ssm.DiscreteMamba2`)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         h = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        mask = _token_mask(attention_mask, h.shape[:2])
         use_cache = use_cache if use_cache is not None else False
         if use_cache and cache_params is None:
             cache_params = MARCache(len(self.layers))
@@ -212,9 +235,9 @@ class MARModel(MARPreTrainedModel):
                 hidden.append(h)
             state = cache_params.states[i] if cache_params is not None else None
             if self.gradient_checkpointing and self.training and cache_params is None:
-                h, new_state = torch.utils.checkpoint.checkpoint(layer, h, None, use_reentrant=False)
+                h, new_state = torch.utils.checkpoint.checkpoint(layer, h, None, mask, use_reentrant=False)
             else:
-                h, new_state = layer(h, state)
+                h, new_state = layer(h, state, mask)
             if cache_params is not None:
                 cache_params.states[i] = new_state
         if hidden is not None:
@@ -251,11 +274,17 @@ class MARForCausalLM(MARPreTrainedModel, GenerationMixin):
     def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, cache_params=None,
                 labels=None, use_cache=None, output_hidden_states=None, return_dict=None,
                 logits_to_keep: int | torch.Tensor = 0, **kwargs):
-        """Causal LM forward. ``attention_mask`` is accepted for API compatibility; right padding
-        does not affect earlier positions of a causal recurrent model, left padding is not
-        supported (pad on the right)."""
+        """Causal LM forward. ``attention_mask [b, l]`` (1 = token, 0 = padding, left or right):
+        padded positions neither enter nor change the recurrent state, so a padded batch gives
+        each row what it gives alone (logits at padded positions are not meaningful).
+        ``use_cache=True`` returns the recurrent cache (``cache_params``, also readable as
+        ``past_key_values``); pass it back as ``cache_params`` or ``past_key_values`` to continue."""
+        if cache_params is None and isinstance(kwargs.get("past_key_values"), MARCache):
+            cache_params = kwargs.pop("past_key_values")
+        kwargs.pop("past_key_values", None)
         out = self.model(input_ids=input_ids, inputs_embeds=inputs_embeds, cache_params=cache_params,
-                         use_cache=use_cache, output_hidden_states=output_hidden_states)
+                         use_cache=use_cache, output_hidden_states=output_hidden_states,
+                         attention_mask=attention_mask)
         h = out.last_hidden_state
         sl = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(h[:, sl, :])
@@ -275,7 +304,7 @@ class MARForCausalLM(MARPreTrainedModel, GenerationMixin):
             inputs = {"inputs_embeds": inputs_embeds}
         else:
             inputs = {"input_ids": input_ids}
-        inputs.update(cache_params=cache_params, use_cache=use_cache)
+        inputs.update(cache_params=cache_params, use_cache=use_cache, attention_mask=attention_mask)
         if "logits_to_keep" in kwargs:
             inputs["logits_to_keep"] = kwargs["logits_to_keep"]
         return inputs

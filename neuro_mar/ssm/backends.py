@@ -82,7 +82,8 @@ def _mamba_scan(x, log_decay, B, C, initial_state, chunk_size):
     # mamba's recurrence is S = exp(dt*A) S + dt * x B^T; with A = -1 and x / dt it is ours
     heads = x.shape[2]
     A = -torch.ones(heads, device=x.device, dtype=torch.float32)
-    y, final = fn((x / dt.unsqueeze(-1)).to(x.dtype), dt, A, B, C, chunk_size=max(16, chunk_size),  # fp32 division
+    # fp32 division; a masked position has dt = 0 and x = 0, and must give 0, not 0 / 0
+    y, final = fn((x / dt.clamp_min(1e-30).unsqueeze(-1)).to(x.dtype), dt, A, B, C, chunk_size=max(16, chunk_size),
                   initial_states=None if initial_state is None else initial_state.float(),
                   dt_softplus=False, return_final_states=True)
     return y.to(x.dtype), final.float()

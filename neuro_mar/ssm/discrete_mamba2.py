@@ -7,6 +7,11 @@
     every head's moving average sum to at most 1, whatever its memory length)
     out = out_proj(out_site(y * silu(z + z_bias)))
 
+With an ``attention_mask [b, l]`` (1 = token, 0 = padding) masked positions neither enter nor change
+the state: their conv inputs are zero (what a zero initial window holds) and their dt is 0 (no decay,
+no input), so a left-padded row computes exactly what the row alone computes, and a right-padded
+row's final state is the one after its last token. Outputs at masked positions are not meaningful.
+
 h = n_v_heads, g = n_qk_heads, n = d_state, p = d_inner / h. ``dt_bias`` (per head, [ours]) is
 phi-mamba's A_log with a learnable offset, so a mixer initialised from attention starts with a
 long memory rather than dt = softplus(0).
@@ -113,28 +118,50 @@ class DiscreteMamba2(nn.Module):
         proj = F.linear(u, F.pad(W, (0, 0, 0, pad)), None if bias is None else F.pad(bias, (0, pad)))
         return torch.split(proj, [self.conv_dim, self.d_inner, self.n_v_heads, pad], dim=-1)[:3]
 
-    def _conv(self, xBC: torch.Tensor, state: MixerState | None):
+    def _conv(self, xBC: torch.Tensor, state: MixerState | None, mask: torch.Tensor | None = None):
         """Causal depthwise conv + SiLU over ``xBC [b, l, conv_dim]``; returns (out [b, l, conv_dim],
         new conv window [b, conv_dim, d_conv-1]). From a zero state, on CUDA, the fused Triton kernel
-        (channels-last, no transposed copies); otherwise the PyTorch reference."""
+        (channels-last, no transposed copies); otherwise the PyTorch reference. With ``mask [b, l]``
+        (``xBC`` already zero where it is 0) the window holds the last d_conv-1 unmasked inputs."""
         if state is None and use_conv_kernel(xBC):
             out = causal_conv1d_silu(xBC, self.conv1d.weight, self.conv1d.bias)
             k, l = self.d_conv - 1, xBC.shape[1]
             xt = xBC.transpose(1, 2)
-            return out, (xt[..., l - k:] if l >= k else F.pad(xt, (k - l, 0)))
-        return causal_conv1d_silu_ref(xBC, self.conv1d.weight, self.conv1d.bias,
-                                      None if state is None else state.conv)
+            window = xt[..., l - k:] if l >= k else F.pad(xt, (k - l, 0))
+        else:
+            out, window = causal_conv1d_silu_ref(xBC, self.conv1d.weight, self.conv1d.bias,
+                                                 None if state is None else state.conv)
+        if mask is not None:
+            window = self._last_unmasked(xBC, state, mask)
+        return out, window
 
-    def forward(self, u: torch.Tensor, state: MixerState | None = None, backend: str | None = None):
+    def _last_unmasked(self, xBC: torch.Tensor, state: MixerState | None, mask: torch.Tensor) -> torch.Tensor:
+        """The conv window ``[b, conv_dim, d_conv-1]`` after ``xBC [b, l, conv_dim]``: the last
+        d_conv-1 inputs whose mask is 1, the previous window's counting as unmasked (zeros where a
+        row has fewer)."""
+        k = self.d_conv - 1
+        b = xBC.shape[0]
+        prev = state.conv.to(xBC.dtype) if state is not None else xBC.new_zeros(b, self.conv_dim, k)
+        full = torch.cat([prev, xBC.transpose(1, 2)], dim=-1)  # [b, C, k + l]
+        keep = torch.cat([torch.ones(b, k, dtype=torch.bool, device=mask.device), mask.bool()], dim=1)
+        pos = torch.arange(full.shape[-1], device=mask.device).expand(b, -1)
+        idx = torch.where(keep, pos, -1).topk(k, dim=1).values.flip(1)  # ascending; the k prefix slots always qualify
+        return full.gather(2, idx[:, None, :].expand(-1, self.conv_dim, -1))
+
+    def forward(self, u: torch.Tensor, state: MixerState | None = None, backend: str | None = None,
+                mask: torch.Tensor | None = None):
         """``u [b, l, d_model] -> (out [b, l, d_model], new_state)``.
 
         With ``state`` the call continues from it (prefill after a prefix, or one decode step);
         the returned state is the one after the last token (always returned, detached from
-        nothing: it carries gradients if inputs do).
+        nothing: it carries gradients if inputs do). ``mask [b, l]`` (1 = token, 0 = padding):
+        masked positions neither enter nor change the state (see the module docstring).
         """
         b, l, _ = u.shape
         xBC, z, A_log = self._project_in(self.in_site(u))
-        xBC, conv_state = self._conv(xBC, state)
+        if mask is not None:
+            xBC = xBC * mask[..., None].to(xBC.dtype)
+        xBC, conv_state = self._conv(xBC, state, mask)
         x, B, C = torch.split(xBC, [self.d_inner, self.n_qk_heads * self.d_state, self.n_qk_heads * self.d_state], dim=-1)
         x = x.reshape(b, l, self.n_v_heads, self.headdim)
         B = B.reshape(b, l, self.n_qk_heads, self.d_state)
@@ -143,6 +170,10 @@ class DiscreteMamba2(nn.Module):
         dt = F.softplus(A_log.to(acc) + self.dt_bias.to(acc))
         init = state.ssm if state is not None else None
         xs = scan_input(x, dt, self.input_gain)
+        if mask is not None:  # no decay and no input at a masked position
+            keep = mask[..., None].to(dt.dtype)
+            dt = dt * keep
+            xs = xs * keep[..., None].to(xs.dtype)
         if l == 1 and init is not None:
             y, ssm_state = ssd_naive(xs, -dt, B, C, init)  # one decode step: the recurrence itself
         else:
