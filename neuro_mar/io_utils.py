@@ -49,17 +49,28 @@ def remove_stale_temps(path: str | Path) -> list[Path]:
     return removed
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def make_temp(path: str | Path, suffix: str = "", folder: bool = False) -> Path:
     """A new temporary file (or folder) beside ``path`` for a write that ends in a rename onto it;
-    stale temporaries of ``path`` are removed first."""
+    stale temporaries of ``path`` are removed first. Its permissions are those of a file any tool
+    creates (0666 / 0777 less the umask), not the owner-only ones of :mod:`tempfile`, so results
+    are readable by colleagues on a shared machine."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(path)
     if folder:
-        return Path(tempfile.mkdtemp(dir=path.parent, prefix=temp_prefix(path), suffix=suffix))
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=temp_prefix(path), suffix=suffix)
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=temp_prefix(path), suffix=suffix))
+        os.chmod(tmp, 0o777 & ~_umask())
+        return tmp
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=temp_prefix(path), suffix=suffix)
     os.close(fd)
-    return Path(tmp)
+    os.chmod(name, 0o666 & ~_umask())
+    return Path(name)
 
 
 @contextlib.contextmanager

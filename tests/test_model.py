@@ -134,3 +134,39 @@ def test_config_errors():
     m = tiny_mar()
     with pytest.raises(ValueError, match="site kind"):
         m.set_neurons("atmn", kinds="attn")
+
+
+def test_remote_code_loads_without_importing_neuro_mar(tmp_path):
+    """A saved model carries auto_map and one-line remote-code modules: a fresh process that never
+    imports neuro_mar loads it through AutoModelForCausalLM(trust_remote_code=True), batched and
+    padded, with the same logits."""
+    import os
+
+    m = tiny_mar(neurons=SPIKING)
+    m.save_pretrained(tmp_path / "m")
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert cfg["auto_map"]["AutoModelForCausalLM"] == "modeling_mar.MARForCausalLM"
+    assert (tmp_path / "m" / "modeling_mar.py").is_file() and (tmp_path / "m" / "configuration_mar.py").is_file()
+    ids = torch.randint(3, 97, (1, 5))
+    expected = m(ids).logits[0, -1].tolist()
+    code = (
+        "import sys, json, torch\n"
+        "from transformers import AutoModelForCausalLM\n"
+        f"m = AutoModelForCausalLM.from_pretrained({str(tmp_path / 'm')!r}, trust_remote_code=True).eval()\n"
+        f"ids = torch.tensor({ids.tolist()})\n"
+        "padded = torch.cat([torch.full((1, 3), 7), ids], 1)\n"
+        "mask = torch.cat([torch.zeros(1, 3, dtype=torch.long), torch.ones_like(ids)], 1)\n"
+        "print(json.dumps([type(m).__name__, m(ids).logits[0, -1].tolist(),\n"
+        "                  m(padded, attention_mask=mask).logits[0, -1].tolist()]))\n"
+    )
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "PYTHONPATH": ""}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env,
+                         cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    name, got, padded = json.loads(out.stdout.strip().splitlines()[-1])
+    assert name == "MARForCausalLM"
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(expected), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.tensor(padded), torch.tensor(expected), rtol=1e-5, atol=1e-5)
+    plain = subprocess.run([sys.executable, "-c", code.replace(", trust_remote_code=True", "")],
+                           capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert plain.returncode != 0 and "trust_remote_code" in plain.stderr  # HF's own refusal, as for any remote code

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import fnmatch
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +29,20 @@ from ..neurons.input_once import InputOnceMixin
 from ..ssm import DiscreteMamba2, MixerState
 from ..ssm.discrete_mamba2 import dt_bias_init
 from .configuration_mar import SITE_KINDS, MARConfig
+
+#: ``config.auto_map`` of a saved model, and the files it names: one-line modules that take the
+#: classes from the installed package (so a checkpoint never carries a copy of the code that can
+#: drift from it)
+AUTO_MAP = {"AutoConfig": "configuration_mar.MARConfig", "AutoModel": "modeling_mar.MARModel",
+            "AutoModelForCausalLM": "modeling_mar.MARForCausalLM"}
+REMOTE_CODE = {
+    "configuration_mar.py": '"""MAR checkpoint configuration: the class comes from the installed neuro-mar package '
+                            '(pip install neuro-mar)."""\nfrom neuro_mar.models.configuration_mar import MARConfig  '
+                            '# noqa: F401\n',
+    "modeling_mar.py": '"""MAR checkpoint model classes: they come from the installed neuro-mar package '
+                       '(pip install neuro-mar)."""\nfrom neuro_mar.models.modeling_mar import MARForCausalLM, '
+                       'MARModel  # noqa: F401\n',
+}
 
 #: parameter groups of :meth:`MARForCausalLM.set_trainable` (the refine stages' ``--train-*`` choices)
 TRAINABLE_GROUPS = ("all", "blocks", "mixers")
@@ -375,8 +390,19 @@ class MARForCausalLM(MARPreTrainedModel, GenerationMixin):
         self.config.neurons, self.config.neuron_options, self.config.site_neurons = neurons, options, overrides
 
     def save_pretrained(self, save_directory, *args, **kwargs):
+        """``PreTrainedModel.save_pretrained`` with the neurons written into ``config``, and the
+        remote-code files and ``auto_map`` (:data:`REMOTE_CODE`) so that
+        ``AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)`` loads the model
+        wherever neuro-mar is installed, imported or not (lm-eval's ``--model hf``, pipelines)."""
         self.sync_neuron_config()
-        return super().save_pretrained(save_directory, *args, **kwargs)
+        self.config.auto_map = dict(AUTO_MAP)
+        out = super().save_pretrained(save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True):
+            from ..io_utils import atomic_write_text
+
+            for name, text in REMOTE_CODE.items():
+                atomic_write_text(Path(save_directory) / name, text)
+        return out
 
     def reset_spike_counters(self) -> None:
         for *_, site in self.spike_sites():
