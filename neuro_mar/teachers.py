@@ -25,6 +25,10 @@ _WHEEL_TEACHERS = {
 }
 
 
+#: the Hugging Face model each built-in teacher is a copy of (a model card's ``base_model``)
+TEACHER_SOURCES = {"smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct"}
+
+
 def cache_root() -> Path:
     return Path(os.environ.get("NEURO_MAR_CACHE", Path.home() / ".cache" / "neuro-mar"))
 

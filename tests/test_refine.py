@@ -451,6 +451,14 @@ def test_report_leads_with_the_zero_shot_suite(tmp_path, teacher_dir, data_file)
     md = (out / "report.md").read_text()
     assert md.index("Zero-shot suite") < md.index("Held-out split")
     assert "arc_easy (acc)" in md and "spiking_student kept" in md
+    # every saved model carries a model card with its own scores next to the teacher's
+    card = (out / "student" / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: transformers\n") and "spiking-neural-network" in card
+    assert 'from_pretrained("student", trust_remote_code=True)' in card
+    assert "| arc_easy (acc) |" in card and "spiking_student kept" in card and "ablation_binary" not in card
+    assert f"Mean firing rate {rep['mean_firing_rate']:.3f}" in card and "45nm-fp32" in card
+    s1 = (out / "stage1" / "README.md").read_text()
+    assert "stage1_ssm kept" in s1 and "Spikes and energy" not in s1 and "spiking-neural-network" not in s1
 
 
 def test_bad_suite_file_stops_before_anything_is_written(tmp_path, teacher_dir, data_file):

@@ -173,7 +173,82 @@ def build_report(cfg, out: Path, teacher, stage1, before, student, tok, held, ti
                                                  >= rows["spiking_before_stage2"]["top1_agreement"])}
     atomic_write_text(out / "report.json", json.dumps(finite_or_none(report), indent=2, allow_nan=False))
     atomic_write_text(out / "report.md", render_markdown(report))
+    for folder, which in (("stage1", "stage1_ssm"), ("student", "spiking_student")):
+        if (out / folder / "config.json").is_file():
+            atomic_write_text(out / folder / "README.md", model_card(report, cfg, which, folder))
     return report
+
+
+#: what each saved model of a run is, in a model card's words
+_CARD_TITLES = {"stage1_ssm": "Stage-1 SSM (attention replaced by Discrete Mamba-2, dense activations)",
+                "spiking_student": "spiking student (Discrete Mamba-2 with ternary ATMN spike sites)"}
+
+
+def model_card(r: dict, cfg, which: str, folder: str) -> str:
+    """The README.md (Hugging Face model card) of one saved model of a run: metadata, how to load
+    and evaluate it, the recipe, its zero-shot suite and held-out numbers against the teacher, and
+    for the student its firing rate and estimated energy."""
+    from ..teachers import TEACHER_SOURCES
+
+    base = TEACHER_SOURCES.get(cfg.teacher, cfg.teacher if "/" in cfg.teacher and not Path(cfg.teacher).exists() else None)
+    meta = ["---", "library_name: transformers", "pipeline_tag: text-generation",
+            "tags: [neuro-mar, state-space-model, mamba2, distillation"
+            + (", spiking-neural-network]" if which == "spiking_student" else "]")]
+    if base:
+        meta.append(f"base_model: {base}")
+    meta.append("---")
+    m = r["models"].get(which, {})
+    t = r["models"].get("teacher", {})
+    lines = meta + ["", f"# {_CARD_TITLES[which]} refined from `{cfg.teacher}`", "",
+                    "Made by `neuro-mar refine` (the neuro-mar package; MAR, "
+                    "arXiv 2601.21503): the teacher's attention replaced by a linear-time Discrete Mamba-2 mixer "
+                    "distilled from it (Stage 1)" + (", then ATMN spiking neurons at the inputs of the four big "
+                    "projections of every layer, distilled with SBDS (Stage 2)." if which == "spiking_student"
+                                                  else "."), "",
+                    "## Use", "", "```python",
+                    "from transformers import AutoModelForCausalLM, AutoTokenizer  # needs `pip install neuro-mar`",
+                    f'model = AutoModelForCausalLM.from_pretrained("{folder}", trust_remote_code=True)',
+                    f'tok = AutoTokenizer.from_pretrained("{folder}")', "```", "",
+                    f"`neuro-mar eval {folder} --suite dev --suite-dir DATA` scores it with lm-evaluation-harness "
+                    f"task definitions; `lm_eval --model hf --model_args pretrained={folder},trust_remote_code=True` "
+                    "works as for any causal LM. A padded batch (`attention_mask`) gives each row what it gives "
+                    "alone; generation keeps a constant-size recurrent state instead of a KV cache.", "",
+                    "## Recipe", "",
+                    f"Teacher `{cfg.teacher}`; data {', '.join(f'`{Path(d).name}`' for d in cfg.data) or 'teacher samples'}"
+                    + (f" + {cfg.generated_tokens} teacher-sampled tokens" if cfg.data and cfg.mix_generated else "")
+                    + f"; {cfg.seq_len}-token sequences, {cfg.micro_batch * cfg.grad_accum} per step; mixer "
+                    f"initialisation `dt_init={cfg.dt_init}`, `ssm_input_gain={cfg.ssm_input_gain}`. Stage tokens: "
+                    + ", ".join(f"{k} {v:,}" for k, v in r["stage_tokens"].items()
+                                if which == "spiking_student" or k.startswith("stage1")) + ".", ""]
+    if which == "spiking_student":
+        opts = f" (options {json.dumps(cfg.neuron_options)})" if cfg.neuron_options else ""
+        lines += [f"Neuron `{cfg.neuron}`{opts} at the four sites, thresholds calibrated at "
+                  f"the {cfg.calib_percentile}th percentile; SBDS alpha {cfg.alpha} (forward KL), beta {cfg.beta} "
+                  f"(reverse KL), gamma {cfg.gamma} (pre-norm hidden states), temperature {cfg.temperature}, from "
+                  f"the {'Stage-1 model' if cfg.stage2_teacher == 'stage1' else 'teacher'}.", ""]
+    suite = r.get("suite") or {}
+    if suite.get("results") and which in suite["results"]:
+        from ..evaluation import render_suite_table
+
+        keep = {k: v for k, v in suite["results"].items() if k in ("teacher", which)}
+        lines += ["## Zero-shot suite", "", "Accuracies in %; *kept*: the share of the teacher's margin above the "
+                  "baseline, or the perplexity ratio to the teacher.", "",
+                  render_suite_table(keep, suite["tasks"], "teacher" if "teacher" in keep else None), ""]
+    lines += ["## Held-out split of the training data", "", "| model | perplexity | KL to teacher | top-1 agreement |",
+              "|---|---|---|---|", f"| teacher | {_fmt(t.get('heldout_perplexity'), '.2f')} | - | - |",
+              f"| this model | {_fmt(m.get('heldout_perplexity'), '.2f')} | {_fmt(m.get('kl_to_teacher'), '.4f')} | "
+              f"{_fmt(m.get('top1_agreement'), '.3f')} |", ""]
+    if which == "spiking_student":
+        lines += ["## Spikes and energy", "", f"Mean firing rate {_fmt(r.get('mean_firing_rate'), '.3f')} (spikes per "
+                  "input element and micro-step). Estimated energy per token, teacher / this model (counted "
+                  "operations at sourced per-operation costs, not a measurement):", ""]
+        for ctx, targets in (r.get("energy_per_token") or {}).items():
+            lines.append(f"- context {ctx}: " + ", ".join(f"{name} {tt['ratio_teacher']:.2f}x"
+                                                           for name, tt in targets.items()))
+        lines.append("")
+    lines += ["## Limitations", "", "Distilled on a small corpus within a fixed time budget: it keeps part of the "
+              "teacher's ability (the tables above), and inherits the teacher's biases and licence.", ""]
+    return "\n".join(lines)
 
 
 def _fmt(v, spec):
