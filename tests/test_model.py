@@ -170,3 +170,36 @@ def test_remote_code_loads_without_importing_neuro_mar(tmp_path):
     plain = subprocess.run([sys.executable, "-c", code.replace(", trust_remote_code=True", "")],
                            capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
     assert plain.returncode != 0 and "trust_remote_code" in plain.stderr  # HF's own refusal, as for any remote code
+
+
+def test_lm_eval_cli_scores_a_checkpoint_through_remote_code(tmp_path):
+    """lm-eval's own command line, offline, with the repository's local ARC task file and
+    --model hf ...,trust_remote_code=True (nothing of neuro_mar imported by hand): it loads the
+    checkpoint, batches and pads requests, and reports acc for every question."""
+    import os
+    import shutil
+    from pathlib import Path
+
+    pytest.importorskip("lm_eval")
+    from test_refine import _tokenizer
+
+    m = tiny_mar(neurons=SPIKING)
+    m.save_pretrained(tmp_path / "m")
+    _tokenizer().save_pretrained(tmp_path / "m")
+    (tmp_path / "arc").mkdir()
+    rows = [{"id": f"q{i}", "question": f"w{i} w{i + 1} w{i + 2}",
+             "choices": {"text": [f"w{i + 3}", f"w{i + 4} w5", f"w{i + 7}"], "label": ["A", "B", "C"]},
+             "answerKey": "ABC"[i % 3]} for i in range(7)]
+    (tmp_path / "arc" / "ARC-Easy-validation.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tasks = Path(__file__).resolve().parents[1] / "benchmarks" / "lm_eval_tasks"
+    shutil.copy(tasks / "arc_easy_local.yaml", tmp_path / "arc_easy_local.yaml")
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1",
+           "TRANSFORMERS_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args",
+           f"pretrained={tmp_path / 'm'},trust_remote_code=True,dtype=float32", "--include_path", str(tmp_path),
+           "--tasks", "arc_easy_local", "--batch_size", "4", "--output_path", str(tmp_path / "out")]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    assert out.returncode == 0, (out.stdout[-2000:], out.stderr[-3000:])
+    results = json.loads(next((tmp_path / "out").rglob("results_*.json")).read_text())
+    r = results["results"]["arc_easy_local"]
+    assert 0 <= r["acc,none"] <= 1 and results["n-samples"]["arc_easy_local"]["effective"] == 7
