@@ -414,6 +414,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--neuron", help="registry name for the four sites (default atmn; see `neuro-mar neurons`)")
     r.add_argument("--neuron-option", metavar="JSON", help='neuron options, e.g. \'{"T": 8, "tau": 0.5}\'')
     r.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    r.add_argument("--keep-checkpoints", action="store_true", default=None,
+                   help="keep every stage's checkpoint (default: Stage 1's are removed once stage1/ is saved, "
+                        "since a resume needs only stage1/; Stage 2's stay for --resume)")
     r.add_argument("--fsdp", action="store_true", default=None,
                    help="under torchrun: shard parameters, gradients and optimizer state (FSDP2) instead of DDP")
     for name, typ, hlp in [("seq_len", int, "tokens per training sequence"), ("generated_tokens", int, None),

@@ -244,6 +244,8 @@ def test_end_to_end_tiny_run_and_resume(tmp_path, teacher_dir, data_file):
     assert stages == {"stage1a", "stage1b", "stage1c", "stage2"}
     cfg = json.loads((out / "student" / "config.json").read_text())
     assert all(cfg["neurons"][k] == "atmn" for k in SITE_KINDS)
+    # Stage 1's checkpoints go once stage1/ is saved (a resume loads stage1/); Stage 2's stay
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["stage2.pt"]
     with pytest.raises(SystemExit, match="not empty"):
         main(["refine", "--out", str(out), "--preset", "tiny", "--teacher", str(teacher_dir), "--data", str(data_file)])
     first_times = rep["stage_seconds"]
@@ -554,3 +556,11 @@ def test_frozen_groups_stay_the_teachers(tmp_path, teacher_dir, data_file):
         frozen = [k for k in init if ".mixer." not in k and "_site." not in k]
         assert frozen and all(torch.equal(sd[k], init[k]) for k in frozen), folder
         assert any(not torch.equal(sd[k], init[k]) for k in init if ".mixer." in k), folder
+
+
+def test_keep_checkpoints_keeps_every_stage(tmp_path, teacher_dir, data_file):
+    out = tmp_path / "run"
+    assert main(["refine", "--out", str(out), "--preset", "tiny", "--teacher", str(teacher_dir), "--data",
+                 str(data_file), "--keep-checkpoints"]) == 0
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["stage1a.pt", "stage1b.pt", "stage1c.pt",
+                                                                        "stage2.pt"]

@@ -122,6 +122,9 @@ class RefineConfig:
     # reference paths (same trainer, same batch)
     throughput_steps: int = 0
     throughput_micro_batch: int = 8
+    # keep every stage's checkpoint; by default those of Stage 1 go once stage1/ is saved (a resume
+    # loads stage1/; each checkpoint holds the weights and AdamW state, about 1.6 GB for SmolLM2-135M)
+    keep_checkpoints: bool = False
 
 
 PRESETS = {
@@ -390,7 +393,7 @@ def init_student(cfg: RefineConfig, teacher, rows: torch.Tensor):
 
 
 #: options that may change on ``--resume``: they only decide what is evaluated after training
-RESUME_FREE_PREFIXES = ("eval_",)
+RESUME_FREE_PREFIXES = ("eval_", "keep_checkpoints")
 
 
 def config_changes(saved: dict, cfg: RefineConfig) -> list[str]:
@@ -598,6 +601,9 @@ def _run_locked(cfg: RefineConfig, out: Path, resume: bool, progress: bool, dist
         student = stage("stage1c", student, teacher, loss_1c, cfg.steps_1c, cfg.lr_1c, cfg.seconds_1c)
         if rank == 0:
             _save_model(student, tok, stage1_dir)
+    if rank == 0 and not cfg.keep_checkpoints and (stage1_dir / "config.json").is_file():
+        for name in ("stage1a", "stage1b", "stage1c"):  # what a resume needs from Stage 1 is stage1/
+            (out / "checkpoints" / f"{name}.pt").unlink(missing_ok=True)
     stage1 = student.eval()
     stage1.requires_grad_(False)
     stage2_teacher = stage1 if cfg.stage2_teacher == "stage1" else teacher
