@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 
 
 def _cmd_neurons(args) -> int:
@@ -54,7 +55,13 @@ def load_student(spec: str, neuron: str | None):
     if _is_mar_checkpoint(spec):
         model = MARForCausalLM.from_pretrained(p).eval()
         if neuron:
-            model.set_neurons(neuron)
+            with warnings.catch_warnings():  # the callers recalibrate; say what remains undone
+                warnings.simplefilter("ignore")
+                summary = model.set_neurons(neuron)
+            trained = sorted({r["from"] for r in summary.rows} - {"dense", neuron})
+            if trained:
+                print(f"note: {spec}'s {', '.join(trained)} neurons are replaced by {neuron} and recalibrated on the "
+                      f"data, not distilled: its numbers are those of an untrained swap", file=sys.stderr)
         tok = AutoTokenizer.from_pretrained(p) if (p / "tokenizer_config.json").is_file() else None
         return model, tok
     from .convert import llama_to_mar
@@ -182,6 +189,34 @@ def _cmd_refine(args) -> int:
         from pathlib import Path
 
         print((Path(args.out) / "report.md").read_text())
+    return 0
+
+
+def _cmd_clean(args) -> int:
+    from pathlib import Path
+
+    from .refine import RefineError
+    from .refine.clean import clean_run, run_is_complete
+    from .refine.pipeline import RunLock
+
+    out = Path(args.run)
+    if not (out / "refine_config.json").is_file():
+        raise SystemExit(f"error: {out} is not a refine run folder (no refine_config.json); give the --out of a run")
+    try:
+        lock = RunLock(out)
+    except RefineError as err:
+        raise SystemExit(f"error: {err}") from None
+    try:
+        gone = clean_run(out, dry_run=args.dry_run)
+    finally:
+        lock.release()
+    verb = "would remove" if args.dry_run else "removed"
+    for p, size in gone:
+        print(f"{verb} {p} ({size / 2**30:.2f} GiB)")
+    total = sum(size for _, size in gone) / 2**30
+    state = "complete: --resume has nothing left to continue" if run_is_complete(out) else \
+        "unfinished: what --resume needs is kept"
+    print(f"{out}: {verb} {len(gone)} checkpoint(s), {total:.2f} GiB; the run is {state}")
     return 0
 
 
@@ -446,6 +481,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                              "(default 0.75; the rest: built-in instructions)"),
                            ("gen_temperature", float, "teacher sampling temperature (default 1.0)"),
                            ("gen_top_p", float, "teacher sampling nucleus (default 0.95)"),
+                           ("gen_cache", str, "KV cache of teacher sampling: auto, static or dynamic (default auto: "
+                                              "static on a GPU)"),
+                           ("gen_precision", str, "teacher sampling precision: auto, bf16 or fp32 (default auto: "
+                                                  "bf16 autocast on a GPU)"),
                            ("eval_limit", int, "documents per suite task (default 0 = all)"),
                            ("eval_max_length", int, "model window of the suite in tokens (default 2048)")]:
         r.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, help=hlp)
@@ -482,6 +521,16 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--features", choices=["pre", "post", "both"], help="SBDS feature position (paper: pre)")
     r.add_argument("--stage2-teacher", choices=["stage1", "teacher"], help="distil Stage 2 from (default stage1)")
     r.set_defaults(func=_cmd_refine)
+
+    c = sub.add_parser("clean", help="remove the checkpoints of a run that --resume no longer needs",
+                       description="Remove the checkpoints (weights and optimizer state) of refine run RUN that "
+                                   "a --resume does not need: Stage 1's once stage1/ is saved, and all of them "
+                                   "once the run is complete (student/ and report.json written). The models, "
+                                   "report and metrics stay.",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    c.add_argument("run", metavar="RUN", help="the --out folder of a neuro-mar refine run")
+    c.add_argument("--dry-run", action="store_true", help="list what would go, remove nothing")
+    c.set_defaults(func=_cmd_clean)
 
     ev = sub.add_parser(
         "eval", help="zero-shot suite (lm-eval definitions), perplexity, agreement with a teacher",

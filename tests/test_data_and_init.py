@@ -103,6 +103,13 @@ def test_teacher_text_has_no_template_boilerplate_and_is_cached(tmp_path):
     again = teacher_generated_texts(teacher, tok, 400, cache_dir=tmp_path, max_new=8, batch=4, seed=1,
                                     progress=False, texts=texts, continuation_share=0.5)
     assert again == out and len(list(tmp_path.glob("teacher-text-*.pt"))) == 1
+    # the KV cache and the precision are settings of the corpus: another one is sampled and cached apart
+    static = teacher_generated_texts(teacher, tok, 100, cache_dir=tmp_path, max_new=8, batch=4, seed=1,
+                                     progress=False, texts=texts, cache="static", bf16=True)
+    assert sum(len(tok(t, add_special_tokens=False).input_ids) for t in static) >= 100
+    assert len(list(tmp_path.glob("teacher-text-*.pt"))) == 2
+    with pytest.raises(ValueError, match="cache must be 'static', 'dynamic' or 'auto'"):
+        teacher_generated_texts(teacher, tok, 100, cache_dir=tmp_path, cache="paged", progress=False)
 
 
 def test_attention_span_of_uniform_attention_is_half_the_distance():

@@ -130,3 +130,33 @@ def test_beam_search_scores_match_a_full_forward():
         want = sum(float(logp[t - 1, seq[0, t]]) for t in range(len(r), seq.shape[1]))
         # generate keeps scores in fp32; a cache left unreordered is off by 6e-6 to 3e-5 here
         assert abs(float(out.sequences_scores[i]) - want) < 2e-6, (float(out.sequences_scores[i]), want)
+
+
+def test_text_generation_pipeline_batched_equals_one_by_one(tmp_path, monkeypatch):
+    """transformers' text-generation pipeline on a saved spiking checkpoint loaded through
+    AutoModelForCausalLM(trust_remote_code=True): prompts of different lengths, batch_size=2 with
+    the tokenizer's left padding, give the texts that batch_size=1 gives (greedy). The weights are
+    drawn wide enough that a model ignoring the mask generates other texts (checked too)."""
+    from transformers import AutoModelForCausalLM, pipeline
+
+    from neuro_mar.models import modeling_mar
+    from test_refine import WORDS, _tokenizer
+
+    m = tiny_mar(neurons=SPIKING, initializer_range=0.2)
+    m.calibrate_thresholds([torch.randint(3, 97, (2, 12), generator=torch.Generator().manual_seed(5))])
+    m.save_pretrained(tmp_path / "m")
+    tok = _tokenizer()
+    tok.pad_token, tok.padding_side = "</s>", "left"  # not id 0, whose embedding the tiny config zeroes
+    tok.save_pretrained(tmp_path / "m")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "m", trust_remote_code=True).eval()
+    prompts = [" ".join(WORDS[i:i + n]) for i, n in ((0, 2), (5, 7), (11, 4), (20, 1))]
+    gen = pipeline("text-generation", model=model, tokenizer=tok, device="cpu")
+    kw = dict(max_new_tokens=6, do_sample=False, return_tensors=True)
+    alone = [gen(p, **kw)[0]["generated_token_ids"] for p in prompts]
+
+    def unpadded(rows):  # the batch's ids keep their left padding
+        return [r[0]["generated_token_ids"][-len(a):] for r, a in zip(rows, alone)]
+
+    assert unpadded(gen(prompts, batch_size=2, **kw)) == alone and len({tuple(a) for a in alone}) == len(alone)
+    monkeypatch.setattr(modeling_mar, "_token_mask", lambda *a, **k: None)
+    assert unpadded(gen(prompts, batch_size=2, **kw)) != alone

@@ -261,6 +261,41 @@ def test_end_to_end_tiny_run_and_resume(tmp_path, teacher_dir, data_file):
     assert main(["eval", str(out / "student"), "--data", str(data_file), "--teacher", str(teacher_dir),
                  "--seq-len", "32", "--max-tokens", "400"]) == 0
     assert main(["generate", str(out / "student"), "--prompt", "w1 w2 w3", "--max-new-tokens", "4"]) == 0
+    # neuro-mar clean: a complete run needs no checkpoint; a dry run lists, a run removes, a resume then refuses
+    stale = out / "checkpoints" / ".stage2.pt.999999999.x.tmp"  # a killed writer's temporary (no such pid)
+    stale.write_bytes(b"x")
+    assert main(["clean", str(out), "--dry-run"]) == 0
+    assert (out / "checkpoints" / "stage2.pt").is_file()
+    assert main(["clean", str(out)]) == 0
+    assert not (out / "checkpoints").exists() and (out / "student" / "config.json").is_file()
+    with pytest.raises(SystemExit, match="is complete .* nothing to continue"):
+        main(["refine", "--out", str(out), "--preset", "tiny", "--teacher", str(teacher_dir), "--data",
+              str(data_file), "--gamma", "0.1", "--resume"])
+    with pytest.raises(SystemExit, match="not a refine run folder"):
+        main(["clean", str(tmp_path)])
+
+
+def test_clean_keeps_what_an_unfinished_run_needs(tmp_path):
+    """An unfinished run: Stage 1's checkpoints go once stage1/ is saved, Stage 2's stay; before
+    stage1/ exists nothing goes; a run being written (its lock held) is refused."""
+    from neuro_mar.refine.clean import clean_run
+    from neuro_mar.refine.pipeline import RunLock
+
+    out = tmp_path / "run"
+    (out / "checkpoints").mkdir(parents=True)
+    (out / "refine_config.json").write_text("{}")
+    for name in ("stage1b", "stage1c", "stage2"):
+        (out / "checkpoints" / f"{name}.pt").write_bytes(b"w" * 10)
+    assert clean_run(out) == []
+    (out / "stage1").mkdir()
+    (out / "stage1" / "config.json").write_text("{}")
+    assert [p.name for p, _ in clean_run(out, dry_run=True)] == ["stage1b.pt", "stage1c.pt"]
+    lock = RunLock(out)
+    with pytest.raises(SystemExit, match="being written by another refine"):
+        main(["clean", str(out)])
+    lock.release()
+    assert main(["clean", str(out)]) == 0
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["stage2.pt"]
 
 
 def test_multiple_choice_scorer_matches_brute_force(tmp_path):

@@ -121,21 +121,25 @@ def test_swap_round_trip_keeps_trained_threshold():
     with torch.no_grad():
         m.in_site.neuron.a.copy_(torch.randn(8))
     trained = m.in_site.neuron.a.detach().clone()
-    summary = swap_neurons(m, "sj-lif")
+    with pytest.warns(UserWarning, match=r"2 site\(s\) changed from atmn to sj-lif.*recalibrate"):
+        summary = swap_neurons(m, "sj-lif")
     assert summary.changed == 2 and all(r["threshold_carried"] for r in summary.rows)
     assert type(m.in_site.neuron).__name__ == "SpikingJellyInputOnce"
     m(torch.randn(2, 8)).sum().backward()
-    summary = neuro_mar.swap_neurons(m, "atmn", keep_threshold=True)
+    with pytest.warns(UserWarning, match="not yet usable"):
+        summary = neuro_mar.swap_neurons(m, "atmn", keep_threshold=True)
     torch.testing.assert_close(m.in_site.neuron.a.detach(), trained)
     assert "in_site" in str(summary)
     # not asked: a fresh threshold
-    swap_neurons(m, "sj-if", keep_threshold=False)
+    with pytest.warns(UserWarning):
+        swap_neurons(m, "sj-if", keep_threshold=False)
     assert torch.all(m.in_site.neuron.a == 0)
 
 
 def test_swap_pattern_and_options():
     m = _Tiny()
-    summary = swap_neurons(m, "binary", pattern="mlp.*", T=6)
+    with pytest.warns(UserWarning, match="1 site"):
+        summary = swap_neurons(m, "binary", pattern="mlp.*", T=6)
     assert [r["site"] for r in summary.rows] == ["mlp.down_site"]
     assert m.mlp.down_site.neuron.T == 6 and m.mlp.down_site.neuron.spike_levels == "binary"
     assert m.in_site.neuron.spike_levels == "ternary"
@@ -147,6 +151,66 @@ def test_swap_pattern_and_options():
     assert summary.changed == 2 and not any(r["threshold_carried"] for r in summary.rows)
     x = torch.randn(3, 8)
     torch.testing.assert_close(m(x), m.mlp.down_site(m.proj(x)))
+
+
+def test_swap_on_a_model_recalibrates_when_given_batches_and_warns_otherwise():
+    """A trained spiking MAR model swapped to another type: with calibrate_on the swapped sites'
+    thresholds come from the dense activations (as calibrate_thresholds sets them) and nothing
+    warns; without it a warning says the model must be recalibrated and distilled again. Swaps from
+    dense (the Stage-1 model) or to the same type do not warn."""
+    import warnings
+
+    from tiny import tiny_mar
+
+    batch = [torch.randint(3, 97, (2, 8))]
+    m = tiny_mar(neurons={k: "atmn" for k in ("mixer.in", "mixer.out", "mlp.in", "mlp.down")})
+    m.calibrate_thresholds(batch)
+    with torch.no_grad():
+        for *_, s in m.spike_sites():
+            s.neuron.a.add_(1.5)  # "trained" thresholds, away from the calibrated ones
+    ref = tiny_mar(neurons={k: "sj-lif" for k in ("mixer.in", "mixer.out", "mlp.in", "mlp.down")})
+    ref.load_state_dict(m.state_dict(), strict=False)
+    ref.calibrate_thresholds(batch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        m.set_neurons("sj-lif", calibrate_on=batch)
+    for (*_, s), (*_, r) in zip(m.spike_sites(), ref.spike_sites()):
+        torch.testing.assert_close(s.neuron.a, r.neuron.a)
+    with pytest.warns(UserWarning, match=r"set_neurons: 2 site\(s\) changed from sj-lif to atmn"):
+        m.set_neurons("atmn", kinds="mlp.in")
+    only = {q for _, k, q, _ in m.spike_sites() if k == "mlp.down"}
+    before = {q: s.neuron.a.clone() for *_, q, s in m.spike_sites()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        swap_neurons(m, "binary", pattern="*.mlp.down_site", calibrate_on=batch)
+        m.set_neurons("binary", kinds="mlp.down")  # same type: nothing stale
+        tiny_mar().set_neurons("sj-lif")  # from dense: thresholds are fresh anyway
+    for *_, q, s in m.spike_sites():
+        assert torch.equal(s.neuron.a, before[q]) != (q in only), q
+    with pytest.raises(TypeError, match="calibrate_on needs a MAR model"):
+        swap_neurons(_Tiny(), "dense", calibrate_on=batch)
+
+
+@pytest.mark.parametrize("name", available())
+def test_every_entry_survives_save_and_load(name, tmp_path):
+    """A model whose sites hold any registry entry (options away from the defaults where it has
+    some) saves and loads back with the same neurons, thresholds and logits."""
+    from tiny import tiny_mar
+
+    from neuro_mar import MARForCausalLM
+
+    m = tiny_mar()
+    m.set_neurons(name, **{"dense": {}, "si-lif": {"D": 3}}.get(name, {"T": 3}))
+    m.calibrate_thresholds([torch.randint(3, 97, (2, 8))])
+    ids = torch.randint(3, 97, (2, 9))
+    with torch.no_grad():
+        want = m(ids).logits
+    m.save_pretrained(tmp_path)
+    back = MARForCausalLM.from_pretrained(tmp_path).eval()
+    for (*_, s), (*_, t) in zip(m.spike_sites(), back.spike_sites()):
+        assert type(t.neuron) is type(s.neuron) and t.neuron.config() == s.neuron.config()
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids).logits, want, rtol=0, atol=0)
 
 
 def test_cli_neurons_table(capsys):

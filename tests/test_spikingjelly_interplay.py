@@ -65,3 +65,64 @@ def test_encode_does_not_touch_membrane_memory():
     v = n.v.clone()
     n.encode(torch.randn(2, 3))
     torch.testing.assert_close(n.v, v)
+
+
+def _mar(neuron):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from tiny import tiny_mar
+
+    m = tiny_mar(neurons={k: neuron for k in ("mixer.in", "mixer.out", "mlp.in", "mlp.down")})
+    m.calibrate_thresholds([torch.randint(3, 97, (2, 8))])
+    return m
+
+
+def test_output_monitor_on_a_mar_model_records_every_sites_spikes():
+    """OutputMonitor(model, ATMN) on a MAR model: one record per site call, the site's own spikes
+    [T, batch, length, channels] (what its recorder sees), ternary."""
+    from neuro_mar.neurons import ATMN as _ATMN
+
+    m = _mar("atmn")
+    mon = monitor.OutputMonitor(m, _ATMN)
+    inp = monitor.InputMonitor(m, _ATMN)
+    seen = []
+    handles = [s.add_recorder(lambda site, spikes: seen.append(spikes)) for *_, s in m.spike_sites()]
+    ids = torch.randint(3, 97, (2, 7))
+    with torch.no_grad():
+        m(ids)
+    sites = len(list(m.spike_sites()))
+    assert len(mon.records) == len(inp.records) == len(seen) == sites == 4 * len(m.model.layers)
+    for rec, own, x in zip(mon.records, seen, inp.records):
+        assert rec.shape == (4, 2, 7, x.shape[-1]) and set(rec.unique().tolist()) <= {-1.0, 0.0, 1.0}
+        torch.testing.assert_close(rec.to(torch.int8), own)
+    for h in handles:
+        h.remove()
+    mon.remove_hooks()
+    inp.remove_hooks()
+
+
+def test_reset_net_and_set_step_mode_reach_every_registry_neuron():
+    """Every registry entry is a SpikingJelly MemoryModule (reset_net reaches it without its
+    'not a MemoryModule' warning); set_step_mode(model, 'm') is refused with the reason, 's' is
+    accepted; an adapter called as a step-mode neuron says what to use instead."""
+    import warnings
+
+    import pytest
+    from spikingjelly.activation_based.base import MemoryModule
+
+    from neuro_mar.neurons import available, create
+
+    for name in available():
+        n = create(name, channels=4)
+        assert isinstance(n, MemoryModule), name
+        m = _mar(name)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            functional.reset_net(m)
+        functional.set_step_mode(m, "s")
+        with pytest.raises(ValueError, match=r"model.layers.0.mixer.in_site: step mode 'm' does not apply"):
+            functional.set_step_mode(m, "m")
+    with pytest.raises(TypeError, match="runs in MAR's input-once form only"):
+        create("sj-lif", channels=4)(torch.randn(2, 4))

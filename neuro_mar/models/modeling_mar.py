@@ -24,7 +24,8 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.utils import ModelOutput
 
-from ..neurons import SpikeSite, create, name_sites, swap_neurons
+from ..neurons import SpikeSite, create, name_sites
+from ..neurons.registry import SwapSummary, replace_site_neurons, warn_if_stale
 from ..neurons.input_once import InputOnceMixin
 from ..ssm import DiscreteMamba2, MixerState
 from ..ssm.discrete_mamba2 import dt_bias_init
@@ -355,9 +356,11 @@ class MARForCausalLM(MARPreTrainedModel, GenerationMixin):
             yield i, "mlp.down", f"model.layers.{i}.mlp.down_site", layer.mlp.down_site
 
     def set_neurons(self, name: str, kinds=None, pattern: str | None = None, keep_threshold: bool = True,
-                    **options):
+                    calibrate_on=None, **options):
         """Swap the neuron of the sites of the given kinds (default all four) and/or matching an
-        fnmatch pattern on the qualified name; keeps ``config`` in step. Returns the
+        fnmatch pattern on the qualified name; keeps ``config`` in step. ``calibrate_on`` (input_ids
+        batches) recalibrates the swapped sites; without it a trained neuron swapped for another
+        type warns (:func:`~neuro_mar.neurons.swap_neurons`). Returns the
         :class:`~neuro_mar.neurons.SwapSummary`."""
         kinds = tuple(SITE_KINDS if kinds is None else ([kinds] if isinstance(kinds, str) else kinds))
         bad = set(kinds) - set(SITE_KINDS)
@@ -365,11 +368,14 @@ class MARForCausalLM(MARPreTrainedModel, GenerationMixin):
             raise ValueError(f"unknown site kind(s) {sorted(bad)}; kinds are {SITE_KINDS}")
         selected = {q for _, k, q, _ in self.spike_sites()
                     if k in kinds and (pattern is None or fnmatch.fnmatchcase(q, pattern))}
-        summary = None
+        summary = SwapSummary()
         for q in sorted(selected):
-            s = swap_neurons(self, name, pattern=q, keep_threshold=keep_threshold, **options)
-            summary = s if summary is None else type(s)(summary.rows + s.rows)
+            summary.rows += replace_site_neurons(self, name, q, keep_threshold, options).rows
         self.sync_neuron_config()
+        if calibrate_on is not None:
+            self.calibrate_thresholds(calibrate_on, only={r["site"] for r in summary.rows})
+        else:
+            warn_if_stale(summary, name, "set_neurons")
         return summary
 
     def sync_neuron_config(self) -> None:
@@ -409,11 +415,12 @@ class MARForCausalLM(MARPreTrainedModel, GenerationMixin):
             site.reset_counters()
 
     @torch.no_grad()
-    def calibrate_thresholds(self, batches, percentile: float = 99.9, max_rows: int = 65536) -> dict:
-        """Set every spiking site's threshold from the dense activations it sees on ``batches``
-        (an iterable of input_ids tensors). The sites are bypassed (dense) while sampling, so the
-        statistics are those of the dense model. Returns ``{qualified_name: mean threshold}``."""
-        sites = [(q, s) for *_, q, s in self.spike_sites() if not s.is_dense]
+    def calibrate_thresholds(self, batches, percentile: float = 99.9, max_rows: int = 65536, only=None) -> dict:
+        """Set every spiking site's threshold (or those whose qualified names are in ``only``) from
+        the dense activations it sees on ``batches`` (an iterable of input_ids tensors). The sites
+        are bypassed (dense) while sampling, so the statistics are those of the dense model.
+        Returns ``{qualified_name: mean threshold}``."""
+        sites = [(q, s) for *_, q, s in self.spike_sites() if not s.is_dense and (only is None or q in only)]
         samples: dict[str, list] = {q: [] for q, _ in sites}
         saved = {}
         hooks = []

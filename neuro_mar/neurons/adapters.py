@@ -15,13 +15,12 @@ import inspect
 import math
 
 import torch
-from torch import nn
 
-from .input_once import InputOnceMixin, check_T, make_log_threshold
+from .input_once import InputOnceModule, check_T, make_log_threshold
 from .surrogates import resolve_surrogate, surrogate_name
 
 
-class _LinearSoftResetAdapter(InputOnceMixin, nn.Module):
+class _LinearSoftResetAdapter(InputOnceModule):
     """Base of the adapters around linear leaky/integrating soft-reset neurons."""
 
     def __init__(self, channels, T, init_threshold, leak: float, gain: float):
@@ -105,8 +104,11 @@ class SnnTorchLeaky(_LinearSoftResetAdapter):
                  "straight_through": snn_surrogate.straight_through_estimator}
         if surrogate not in grads:
             raise ValueError(f"snntorch-leaky surrogate must be one of {sorted(grads)}, got {surrogate!r}")
-        self.lif = snntorch.Leaky(beta=beta, threshold=1.0, spike_grad=grads[surrogate](),
-                                  reset_mechanism="subtract", reset_delay=False)
+        # snntorch reads its buffers' values while it is built, which a meta device (Hugging Face's
+        # from_pretrained builds the model there) cannot give: build it on the host; .to() moves it
+        with torch.device("cpu"):
+            self.lif = snntorch.Leaky(beta=beta, threshold=1.0, spike_grad=grads[surrogate](),
+                                      reset_mechanism="subtract", reset_delay=False)
         self.leak = float(self.lif.beta)  # snntorch keeps beta as a float32 buffer: decode with that value
         self._options = {"T": T, "beta": beta, "surrogate": surrogate}
 
@@ -138,7 +140,7 @@ class _RoundClip(torch.autograd.Function):
         return g * (z.abs() <= ctx.D + 0.5).to(g), None
 
 
-class SILIF(InputOnceMixin, nn.Module):
+class SILIF(InputOnceModule):
     """SpikingMamba's signed-integer neuron (arXiv 2510.04595), input-once.
 
     Training view: ``n = clip(round(x / V), -D, D)`` with a straight-through gradient.
@@ -176,7 +178,7 @@ class SILIF(InputOnceMixin, nn.Module):
         return {"D": self.D}
 
 
-class Dense(InputOnceMixin, nn.Module):
+class Dense(InputOnceModule):
     """No spikes: the site passes its input through unchanged (the Stage-1 model)."""
 
     spike_levels = "dense"

@@ -15,6 +15,7 @@ import abc
 import math
 
 import torch
+from spikingjelly.activation_based.base import MemoryModule
 from torch import nn
 
 from ..kernels import atmn_ref
@@ -132,3 +133,21 @@ def check_T(T) -> int:
     if not isinstance(T, int) or T < 1:
         raise ValueError(f"T (micro-steps) must be a positive int, got {T!r}")
     return T
+
+
+class InputOnceModule(InputOnceMixin, MemoryModule):
+    """Base of the registry's adapter neurons: a SpikingJelly ``MemoryModule``, so ``reset_net``,
+    ``set_step_mode`` and monitors reach it as they reach ATMN. It keeps no membrane memory between
+    calls (every call is one whole input-once encoding), so a reset has nothing to clear; it has no
+    step-by-step form of its own, so calling it as a step-mode neuron is refused with a pointer to
+    what it offers instead."""
+
+    def __init__(self):
+        MemoryModule.__init__(self)
+
+    def single_step_forward(self, x: torch.Tensor):
+        raise TypeError(f"{type(self).__name__} runs in MAR's input-once form only: use encode/decode/quantize, or "
+                        "put it in a SpikeSite; for a step-mode neuron use ATMN or the wrapped library neuron")
+
+    def multi_step_forward(self, x_seq: torch.Tensor):
+        return self.single_step_forward(x_seq)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import fnmatch
 import inspect
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -132,7 +133,7 @@ class SwapSummary:
 
 
 def swap_neurons(model: nn.Module, name: str, pattern: str | None = None, keep_threshold: bool = True,
-                 **options) -> SwapSummary:
+                 calibrate_on=None, **options) -> SwapSummary:
     """Replace the neuron of every :class:`SpikeSite` of ``model`` by a new ``name`` neuron.
 
     Args:
@@ -141,8 +142,27 @@ def swap_neurons(model: nn.Module, name: str, pattern: str | None = None, keep_t
         keep_threshold: carry the per-channel log-threshold ``a`` over where both neurons have
             one of the same shape (all spiking entries share the meaning "input scale of one
             spike", so a trained ATMN threshold survives atmn -> sj-lif -> atmn).
+        calibrate_on: an iterable of ``input_ids`` tensors: the swapped sites' thresholds are set
+            from the dense activations on them (``model.calibrate_thresholds``; a MAR model only).
+            Without it, swapping a trained spiking neuron for one of another type warns: the
+            carried thresholds were trained for the old type's firing, so the model must be
+            recalibrated and distilled again (Stage 2) before its numbers mean anything.
         options: constructor options of the new neuron (see :func:`create`).
     """
+    summary = replace_site_neurons(model, name, pattern, keep_threshold, options)
+    if calibrate_on is not None:
+        if not hasattr(model, "calibrate_thresholds"):
+            raise TypeError("swap_neurons: calibrate_on needs a MAR model (one with calibrate_thresholds); "
+                            "call each new neuron's calibrate(activations) instead")
+        model.calibrate_thresholds(calibrate_on, only={r["site"] for r in summary.rows})
+    else:
+        warn_if_stale(summary, name, "swap_neurons")
+    return summary
+
+
+def replace_site_neurons(model: nn.Module, name: str, pattern: str | None, keep_threshold: bool,
+                         options: dict) -> SwapSummary:
+    """The swap itself (:func:`swap_neurons` without calibration or warning)."""
     _entry(name)
     summary = SwapSummary()
     sites = [(n, m) for n, m in model.named_modules() if isinstance(m, SpikeSite)]
@@ -170,3 +190,14 @@ def swap_neurons(model: nn.Module, name: str, pattern: str | None = None, keep_t
         summary.rows.append({"site": site_name, "from": getattr(old, "registry_name", None) or type(old).__name__,
                              "to": name, "threshold_carried": carried})
     return summary
+
+
+def warn_if_stale(summary: SwapSummary, name: str, caller: str) -> None:
+    """Warn where a trained spiking neuron was swapped for another type without recalibration."""
+    changed = [r for r in summary.rows if r["from"] not in (name, "Dense", "dense") and name != "dense"]
+    if changed:
+        warnings.warn(f"{caller}: {len(changed)} site(s) changed from {', '.join(sorted({r['from'] for r in changed}))}"
+                      f" to {name}; the carried thresholds were trained for the old neuron's firing, so the model is "
+                      f"not yet usable: recalibrate ({caller}(..., calibrate_on=batches) or "
+                      f"model.calibrate_thresholds(batches)) and distil it again (neuro-mar refine --neuron {name})",
+                      stacklevel=3)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+from spikingjelly.activation_based.base import StepModule
 from torch import nn
 
 from ..knobs import Knob
@@ -47,7 +48,7 @@ class _RecorderHandle:
         self._site._recorders.pop(self._key, None)
 
 
-class SpikeSite(nn.Module):
+class SpikeSite(nn.Module, StepModule):
     """Turn a dense activation into spikes and hand the next layer their decoded value.
 
     ``forward(x [..., d]) -> x_hat [..., d]`` (same shape and dtype) with
@@ -62,6 +63,12 @@ class SpikeSite(nn.Module):
 
     Recording: :meth:`add_recorder` registers ``fn(site, spikes_int8 [T, *x.shape])`` called on
     every forward; without recorders no spike tensor outlives the forward call.
+
+    SpikingJelly: the neuron's forward hooks and pre-hooks (``monitor.OutputMonitor``,
+    ``InputMonitor``) see each call as the neuron's multi-step forward would present it, input
+    ``x`` and output the spikes ``[T, *x.shape]``; ``functional.reset_net`` reaches the neuron; the
+    site is a ``StepModule`` of single-step mode only, and ``functional.set_step_mode(model, "m")``
+    is refused with the reason (the T micro-steps already run inside every call).
     """
 
     def __init__(self, neuron: nn.Module, counting: bool = True):
@@ -73,6 +80,20 @@ class SpikeSite(nn.Module):
         self._counts: torch.Tensor | None = None  # [positive, negative, elements], on x's device
         self.calls = 0
         self.site_name: str | None = None  # set by name_sites (MARForCausalLM does it)
+
+    def supported_step_mode(self) -> tuple[str, ...]:
+        return ("s",)
+
+    @property
+    def step_mode(self) -> str:
+        return "s"
+
+    @step_mode.setter
+    def step_mode(self, value: str) -> None:
+        if value != "s":
+            raise ValueError(f"{self.site_name or 'a spike site'}: step mode {value!r} does not apply: a MAR spike "
+                             "site fires its neuron over T micro-steps inside every call (input once), one call per "
+                             "token; the model takes token ids [batch, length], not [T, batch, ...] sequences")
 
     @property
     def is_dense(self) -> bool:
@@ -106,8 +127,13 @@ class SpikeSite(nn.Module):
                 self._counters(x.device)[2] += x.numel()
                 self.calls += 1
             return x
-        want = bool(self._recorders)
+        hooks, pre_hooks = self.neuron._forward_hooks, self.neuron._forward_pre_hooks
+        for hook in list(pre_hooks.values()):  # e.g. SpikingJelly's InputMonitor
+            hook(self.neuron, (x,))
+        want = bool(self._recorders) or bool(hooks)
         x_hat, spikes, counts = self.neuron.site_forward(x, want_spikes=want, count=self.counting)
+        for hook in list(hooks.values()):  # e.g. SpikingJelly's OutputMonitor: the spikes of this call
+            hook(self.neuron, (x,), spikes)
         if self.counting:
             c = self._counters(x.device)
             c[:2] += counts

@@ -7,6 +7,7 @@ prompts (sequence-level distillation), generated once and cached.
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from pathlib import Path
@@ -197,7 +198,8 @@ def split_heldout(rows: torch.Tensor, fraction: float = 0.1, min_rows: int = 1) 
 @torch.no_grad()
 def teacher_generated_texts(teacher, tokenizer, n_tokens: int, cache_dir: Path | None = None, max_new: int = 256,
                             batch: int = 16, seed: int = 0, progress: bool = True, texts: list[str] | None = None,
-                            continuation_share: float = 0.75, temperature: float = 1.0, top_p: float = 0.95) -> list[str]:
+                            continuation_share: float = 0.75, temperature: float = 1.0, top_p: float = 0.95,
+                            cache: str = "auto", bf16: bool | None = None) -> list[str]:
     """Text sampled from the teacher until about ``n_tokens`` tokens (prompt + sample) exist.
 
     Prompts: with ``texts`` (the training data), a ``continuation_share`` of them are the opening
@@ -206,7 +208,11 @@ def teacher_generated_texts(teacher, tokenizer, n_tokens: int, cache_dir: Path |
     Each document is the prompt followed by the teacher's sample as plain text, with no template
     or system-prompt boilerplate. Sampling is batched (left padding; a static KV cache on CUDA) at
     ``temperature`` with nucleus ``top_p``, seeded per batch, so the corpus is deterministic for a
-    seed on one device. Cached by teacher, settings and prompts."""
+    seed on one device. Cached by teacher, settings and prompts.
+
+    ``cache``: the KV cache of ``generate`` (``"static"``, ``"dynamic"``; ``"auto"``: static on
+    CUDA, dynamic elsewhere). ``bf16``: a bf16 copy of the teacher samples (default: on CUDA; the
+    teacher itself is left as it is, it serves as the fp32 reference of training)."""
     import random
 
     from ..teachers import cache_root
@@ -222,9 +228,17 @@ def teacher_generated_texts(teacher, tokenizer, n_tokens: int, cache_dir: Path |
     prompts = [("text", p) for p in conts] + [("chat", instructions[i % len(instructions)])
                                               for i in range(n_docs - len(conts))]
     rng.shuffle(prompts)
+    device = next(teacher.parameters()).device
+    if cache == "auto":
+        cache = "static" if device.type == "cuda" else "dynamic"
+    if cache not in ("static", "dynamic"):
+        raise ValueError(f"cache must be 'static', 'dynamic' or 'auto', got {cache!r}")
+    bf16 = device.type == "cuda" if bf16 is None else bool(bf16)
+    settings = [n_tokens, max_new, seed, temperature, top_p, batch, prompts]
+    if cache != ("static" if device.type == "cuda" else "dynamic") or bf16:  # keys of earlier caches unchanged
+        settings += [cache, bf16]
     key = hashlib.sha256(json.dumps([teacher.config.to_dict().get("_name_or_path", ""), teacher.config.vocab_size,
-                                     teacher.config.num_hidden_layers, n_tokens, max_new, seed, temperature, top_p,
-                                     batch, prompts]).encode()).hexdigest()[:16]
+                                     teacher.config.num_hidden_layers, *settings]).encode()).hexdigest()[:16]
     path = (Path(cache_dir) if cache_dir is not None else cache_root() / "generated") / f"teacher-text-{key}.pt"
     if path.is_file():
         return torch.load(path, weights_only=True)["texts"]
@@ -239,8 +253,8 @@ def teacher_generated_texts(teacher, tokenizer, n_tokens: int, cache_dir: Path |
         from tqdm.auto import tqdm
 
         bar = tqdm(total=n_tokens, desc="sampling teacher text", unit="tok")
-    device = next(teacher.parameters()).device
-    extra = {"cache_implementation": "static"} if device.type == "cuda" else {}
+    extra = {"cache_implementation": "static"} if cache == "static" else {}
+    sampler = copy.deepcopy(teacher).to(torch.bfloat16) if bf16 else teacher
     i = 0
     while total < n_tokens and i < len(prompts):
         chunk = prompts[i:i + batch]
@@ -250,7 +264,7 @@ def teacher_generated_texts(teacher, tokenizer, n_tokens: int, cache_dir: Path |
                   if kind == "chat" and tokenizer.chat_template else p for kind, p in chunk]
         enc = tokenizer(inputs, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
         torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=g)))
-        out = teacher.generate(**enc, max_new_tokens=max_new, do_sample=True, temperature=temperature, top_p=top_p,
+        out = sampler.generate(**enc, max_new_tokens=max_new, do_sample=True, temperature=temperature, top_p=top_p,
                                pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, **extra)
         gen = out[:, enc.input_ids.shape[1]:].cpu()
         for (kind, p), row in zip(chunk, gen):
@@ -262,5 +276,6 @@ def teacher_generated_texts(teacher, tokenizer, n_tokens: int, cache_dir: Path |
             bar.update(min(bar.total - bar.n, total - bar.n))
     if bar is not None:
         bar.close()
+    del sampler
     atomic_torch_save({"texts": out_texts, "prompts": [p for _, p in prompts[:i]]}, path)
     return out_texts

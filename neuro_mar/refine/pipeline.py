@@ -29,10 +29,10 @@ import torch.nn.functional as F
 
 from ..convert import llama_to_mar
 from ..io_utils import atomic_write_text, make_temp
-from ..models import SITE_KINDS
 from ..models.configuration_mar import SSM_INPUT_GAINS
 from ..models.modeling_mar import TRAINABLE_GROUPS
 from ..ssm.discrete_mamba2 import mixing_matrix
+from .clean import removable_checkpoints, run_is_complete
 from .data import DataError, clean_documents, read_texts, split_heldout, teacher_generated_texts, tokenize_and_pack
 from .losses import feature_loss, sbds_logit_loss
 from .trainer import TrainConfig, Trainer, init_distributed, shutdown_distributed, world
@@ -53,6 +53,8 @@ class RefineConfig:
     gen_continuation_share: float = 0.75
     gen_temperature: float = 1.0
     gen_top_p: float = 0.95
+    gen_cache: str = "auto"
+    gen_precision: str = "auto"
     detokenize: str = "auto"  # auto | wikitext | none: undo WikiText's tokenisation of --data (data.clean_documents)
     # mixer initialisation: each head's dt from the teacher head's attention span ("teacher") or
     # log-uniform in dt_range ("range"); the mixer's input gain "zoh" scales x_t by 1 - exp(-dt_t)
@@ -194,6 +196,10 @@ def validate_config(cfg: RefineConfig) -> None:
         raise RefineError(f"--stage2-teacher must be stage1 or teacher, got {cfg.stage2_teacher!r}")
     if cfg.features not in ("pre", "post", "both"):
         raise RefineError(f"--features must be pre, post or both, got {cfg.features!r}")
+    if cfg.gen_cache not in ("auto", "static", "dynamic"):
+        raise RefineError(f"--gen-cache must be auto, static or dynamic, got {cfg.gen_cache!r}")
+    if cfg.gen_precision not in ("auto", "bf16", "fp32"):
+        raise RefineError(f"--gen-precision must be auto, bf16 or fp32, got {cfg.gen_precision!r}")
     if cfg.dt_init not in ("teacher", "range"):
         raise RefineError(f"--dt-init must be teacher or range, got {cfg.dt_init!r}")
     if cfg.ssm_input_gain not in SSM_INPUT_GAINS:
@@ -365,7 +371,8 @@ def prepare(cfg: RefineConfig, progress: bool = True):
         texts += teacher_generated_texts(teacher, tok, cfg.generated_tokens, progress=progress, seed=cfg.seed,
                                          batch=cfg.gen_batch or (256 if on_gpu else 16), max_new=cfg.gen_max_new,
                                          texts=texts or None, continuation_share=cfg.gen_continuation_share,
-                                         temperature=cfg.gen_temperature, top_p=cfg.gen_top_p)
+                                         temperature=cfg.gen_temperature, top_p=cfg.gen_top_p, cache=cfg.gen_cache,
+                                         bf16={"auto": None, "bf16": True, "fp32": False}[cfg.gen_precision])
     rows = tokenize_and_pack(texts, tok, cfg.seq_len, cfg.max_tokens)
     vocab = teacher.get_input_embeddings().weight.shape[0]
     if rows.numel() and int(rows.max()) >= vocab:
@@ -482,7 +489,7 @@ def run_refine(cfg: RefineConfig, out: str | Path, resume: bool = False, progres
     _check_ce_weight(cfg, device)  # before Stage 1, not at Stage 2's first step
     if out.exists() and any(out.iterdir()) and not resume:
         raise RefineError(f"output folder {out} exists and is not empty; pass --resume to continue it or choose a new --out")
-    lock = _RunLock(out) if rank == 0 else None  # one writer per run folder
+    lock = RunLock(out) if rank == 0 else None  # one writer per run folder
     try:
         return _run_locked(cfg, out, resume, progress, distributed, rank, device)
     finally:
@@ -490,7 +497,7 @@ def run_refine(cfg: RefineConfig, out: str | Path, resume: bool = False, progres
             lock.release()
 
 
-class _RunLock:
+class RunLock:
     """An exclusive lock on ``out/.lock`` (flock; released when the process ends, however it ends):
     a second ``refine`` into the same folder stops instead of interleaving its files."""
 
@@ -537,6 +544,10 @@ def _run_locked(cfg: RefineConfig, out: Path, resume: bool, progress: bool, dist
         if changed:
             raise RefineError(f"--resume: {out} was started with other options ({'; '.join(changed)}); resume "
                               "with the options it was started with (its refine_config.json) or use a new --out")
+    if resume and run_is_complete(out) and not (out / "checkpoints" / "stage2.pt").is_file():
+        raise RefineError(f"--resume: {out} is complete (student/ and report.json are written) and its Stage-2 "
+                          "checkpoints were removed (neuro-mar clean), so there is nothing to continue; use a new --out "
+                          "to train again, or neuro-mar eval to score the saved student")
     t_start = time.time()
     teacher, tok, train, held = prepare(cfg, progress=progress and rank == 0)
     identity = run_identity(teacher, tok, train)
@@ -601,9 +612,9 @@ def _run_locked(cfg: RefineConfig, out: Path, resume: bool, progress: bool, dist
         student = stage("stage1c", student, teacher, loss_1c, cfg.steps_1c, cfg.lr_1c, cfg.seconds_1c)
         if rank == 0:
             _save_model(student, tok, stage1_dir)
-    if rank == 0 and not cfg.keep_checkpoints and (stage1_dir / "config.json").is_file():
-        for name in ("stage1a", "stage1b", "stage1c"):  # what a resume needs from Stage 1 is stage1/
-            (out / "checkpoints" / f"{name}.pt").unlink(missing_ok=True)
+    if rank == 0 and not cfg.keep_checkpoints:  # what a resume needs from Stage 1 is stage1/
+        for p in removable_checkpoints(out, finished_too=False):
+            p.unlink(missing_ok=True)
     stage1 = student.eval()
     stage1.requires_grad_(False)
     stage2_teacher = stage1 if cfg.stage2_teacher == "stage1" else teacher
