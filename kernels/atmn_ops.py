@@ -2,7 +2,8 @@
 and the dispatch that decides when they are used.
 
 Backend knob (``NEURO_MAR_KERNELS`` or :func:`set_backend`): ``"auto"`` uses the kernels for CUDA
-tensors when triton imports and the surrogate has a kernel id; ``"torch"`` never uses them;
+tensors when triton imports and the surrogate has a kernel id, and elsewhere, where no gradient is
+wanted (inference), the in-place loop of ``atmn_infer``; ``"torch"`` uses neither (the reference);
 ``"triton"`` always does (also on CPU tensors, which needs ``TRITON_INTERPRET=1``: the tests'
 way to run the kernels without a GPU). On CPU with ``"auto"`` nothing here imports triton.
 """
@@ -84,6 +85,12 @@ def use_kernel(x: Tensor, surrogate) -> bool:
                              "kernels cover Sigmoid, ATan, Rect (straight_through), PiecewiseQuadratic and Erf in spiking mode")
         return forced()
     return x.is_cuda and sg is not None and triton_available() and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
+
+
+def lean_inference(x: Tensor, a: Tensor) -> bool:
+    """Whether the input-once op runs as ``atmn_infer``'s no-autograd loop: backend ``auto``, and
+    no gradient wanted of ``x`` or the log-threshold ``a``."""
+    return _backend.value == "auto" and not (torch.is_grad_enabled() and (x.requires_grad or a.requires_grad))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -483,8 +483,8 @@ def build_parser() -> argparse.ArgumentParser:
                            ("gen_top_p", float, "teacher sampling nucleus (default 0.95)"),
                            ("gen_cache", str, "KV cache of teacher sampling: auto, static or dynamic (default auto: "
                                               "static on a GPU)"),
-                           ("gen_precision", str, "teacher sampling precision: auto, bf16 or fp32 (default auto: "
-                                                  "bf16 autocast on a GPU)"),
+                           ("gen_precision", str, "teacher sampling precision: fp32 (default) or bf16 (a bf16 copy "
+                                                  "of the teacher samples)"),
                            ("eval_limit", int, "documents per suite task (default 0 = all)"),
                            ("eval_max_length", int, "model window of the suite in tokens (default 2048)")]:
         r.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, help=hlp)

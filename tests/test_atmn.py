@@ -197,3 +197,60 @@ def test_bad_arguments():
         ATMN(surrogate="nope")
     with pytest.raises(ValueError, match="init_threshold"):
         ATMN(init_threshold=-1.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("ternary", [True, False])
+@pytest.mark.parametrize("T,tau", [(1, 0.5), (4, 0.5), (5, 0.7), (8, 1.0)])
+def test_inference_loop_equals_the_reference_bit_for_bit(dtype, ternary, T, tau):
+    """The no-autograd loop (atmn_infer) gives the reference's x_hat, spikes and counts exactly, on
+    awkward shapes, with NaN and infinite inputs and inputs sitting on the thresholds."""
+    from neuro_mar.kernels import atmn_infer, atmn_ref
+
+    g = torch.Generator().manual_seed(T)
+    a = torch.randn(37, generator=g) * 0.5
+    V = a.exp()
+    x = torch.randn(3, 5, 37, generator=g) * 3 * V
+    x[0, 0, :4] = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0])
+    x[1, 1] = V * tau ** -1  # on a threshold after one reset
+    x[2, 2] = -V
+    x = x.to(dtype)
+    want_hat, want_spikes = atmn_ref.atmn_once_ref(x, a, T, tau, sj_surrogate.Sigmoid(), ternary)
+    got_hat, got_spikes, counts = atmn_infer.atmn_once_nograd(x, V, T, tau, ternary, want_spikes=True, count=True)
+    assert got_hat.dtype == dtype and got_spikes.dtype == dtype
+    torch.testing.assert_close(got_hat, want_hat, rtol=0, atol=0, equal_nan=True)
+    assert torch.equal(got_spikes, want_spikes)
+    assert counts.tolist() == [int((want_spikes > 0).sum()), int((want_spikes < 0).sum())]
+    big = torch.randn(4, 20000, generator=g).to(dtype)  # counted from the trace's sums
+    _, s, c = atmn_infer.atmn_once_nograd(big, torch.tensor(0.3), 4, 0.5, True, want_spikes=True, count=True)
+    assert c.tolist() == [int((s > 0).sum()), int((s < 0).sum())]
+
+
+def test_sites_take_the_inference_loop_only_without_autograd(monkeypatch):
+    """An ATMN site runs the inference loop under no_grad (or on inputs without grad and a frozen
+    threshold), the reference when a gradient is wanted or the backend knob says torch; the
+    three give the same outputs and counts."""
+    from neuro_mar.kernels import atmn_infer, atmn_ops
+    from neuro_mar.neurons import SpikeSite, create
+
+    calls = []
+    real = atmn_infer.atmn_once_nograd
+    monkeypatch.setattr(atmn_infer, "atmn_once_nograd", lambda *a, **k: calls.append(1) or real(*a, **k))
+    site = SpikeSite(create("atmn", channels=8))
+    x = torch.randn(2, 3, 8) * 2
+    with torch.no_grad():
+        lean = site(x)
+    assert len(calls) == 1
+    lean_stats = site.stats()
+    site.reset_counters()
+    ref = site(x.clone().requires_grad_(True))
+    assert len(calls) == 1 and ref.requires_grad
+    assert site.stats() == lean_stats
+    torch.testing.assert_close(lean, ref.detach(), rtol=0, atol=0)
+    atmn_ops.set_backend("torch")
+    try:
+        with torch.no_grad():
+            torch.testing.assert_close(site(x), lean, rtol=0, atol=0)
+    finally:
+        atmn_ops.set_backend("auto")
+    assert len(calls) == 1

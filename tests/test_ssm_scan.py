@@ -162,3 +162,23 @@ def test_zoh_input_gain_is_the_normalised_recurrence():
     torch.testing.assert_close(y_m, torch.stack(ys, 1), rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="input_gain"):
         DiscreteMamba2(d_model=16, d_state=4, n_qk_heads=2, n_v_heads=4, input_gain="euler")
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-6), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_conv_decode_step_equals_the_reference(dtype, tol, bias):
+    """One decode step's conv as a dot product with the window equals the convolution reference
+    for l = 1 (output and the window it leaves), from a non-zero window."""
+    from neuro_mar.kernels.causal_conv_ref import causal_conv1d_silu_ref
+    from neuro_mar.ssm.discrete_mamba2 import conv_step_silu
+
+    g = torch.Generator().manual_seed(3)
+    C, K = 13, 4
+    w = torch.randn(C, 1, K, generator=g).to(dtype)
+    b = torch.randn(C, generator=g).to(dtype) if bias else None
+    x = torch.randn(2, 1, C, generator=g).to(dtype)
+    prev = torch.randn(2, C, K - 1, generator=g).to(dtype)
+    want, want_window = causal_conv1d_silu_ref(x, w, b, prev)
+    got, window = conv_step_silu(x, w, b, prev)
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+    torch.testing.assert_close(window, want_window, rtol=0, atol=0)

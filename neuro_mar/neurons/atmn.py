@@ -21,7 +21,7 @@ import math
 import torch
 from spikingjelly.activation_based import neuron as sj_neuron
 
-from ..kernels import atmn_ops, atmn_ref
+from ..kernels import atmn_infer, atmn_ops, atmn_ref
 from .input_once import InputOnceMixin, check_T, make_log_threshold
 from .surrogates import resolve_surrogate, surrogate_name
 
@@ -109,10 +109,15 @@ class ATMN(InputOnceMixin, sj_neuron.BaseNode):
 
     def site_forward(self, x: torch.Tensor, want_spikes: bool = False, count: bool = False):
         """``(x_hat, spikes or None, (positive, negative) counts or None)`` in one pass: the fused
-        Triton kernel on CUDA, encode + decode on the PyTorch path."""
+        Triton kernel on CUDA; without autograd (inference) elsewhere, the in-place loop of
+        ``atmn_infer``; else encode + decode on the PyTorch reference path."""
         if atmn_ops.use_kernel(x, self.surrogate_function):
             return atmn_ops.atmn_once(x, self.a, self.T, self.tau, self.surrogate_function, self.ternary,
                                       self.detach_reset, write_spikes=want_spikes, count=count)
+        if atmn_ops.lean_inference(x, self.a):
+            x_hat, spikes, counts = atmn_infer.atmn_once_nograd(x, self.threshold, self.T, self.tau, self.ternary,
+                                                                want_spikes, count)
+            return x_hat, spikes, counts
         return super().site_forward(x, want_spikes, count)
 
     def residual(self, x: torch.Tensor) -> torch.Tensor:

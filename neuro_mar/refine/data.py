@@ -199,7 +199,7 @@ def split_heldout(rows: torch.Tensor, fraction: float = 0.1, min_rows: int = 1) 
 def teacher_generated_texts(teacher, tokenizer, n_tokens: int, cache_dir: Path | None = None, max_new: int = 256,
                             batch: int = 16, seed: int = 0, progress: bool = True, texts: list[str] | None = None,
                             continuation_share: float = 0.75, temperature: float = 1.0, top_p: float = 0.95,
-                            cache: str = "auto", bf16: bool | None = None) -> list[str]:
+                            cache: str = "auto", bf16: bool = False) -> list[str]:
     """Text sampled from the teacher until about ``n_tokens`` tokens (prompt + sample) exist.
 
     Prompts: with ``texts`` (the training data), a ``continuation_share`` of them are the opening
@@ -211,7 +211,7 @@ def teacher_generated_texts(teacher, tokenizer, n_tokens: int, cache_dir: Path |
     seed on one device. Cached by teacher, settings and prompts.
 
     ``cache``: the KV cache of ``generate`` (``"static"``, ``"dynamic"``; ``"auto"``: static on
-    CUDA, dynamic elsewhere). ``bf16``: a bf16 copy of the teacher samples (default: on CUDA; the
+    CUDA, dynamic elsewhere). ``bf16``: a bf16 copy of the teacher samples (default off; the
     teacher itself is left as it is, it serves as the fp32 reference of training)."""
     import random
 
@@ -233,7 +233,7 @@ def teacher_generated_texts(teacher, tokenizer, n_tokens: int, cache_dir: Path |
         cache = "static" if device.type == "cuda" else "dynamic"
     if cache not in ("static", "dynamic"):
         raise ValueError(f"cache must be 'static', 'dynamic' or 'auto', got {cache!r}")
-    bf16 = device.type == "cuda" if bf16 is None else bool(bf16)
+    bf16 = bool(bf16)
     settings = [n_tokens, max_new, seed, temperature, top_p, batch, prompts]
     if cache != ("static" if device.type == "cuda" else "dynamic") or bf16:  # keys of earlier caches unchanged
         settings += [cache, bf16]

@@ -54,7 +54,7 @@ class RefineConfig:
     gen_temperature: float = 1.0
     gen_top_p: float = 0.95
     gen_cache: str = "auto"
-    gen_precision: str = "auto"
+    gen_precision: str = "fp32"
     detokenize: str = "auto"  # auto | wikitext | none: undo WikiText's tokenisation of --data (data.clean_documents)
     # mixer initialisation: each head's dt from the teacher head's attention span ("teacher") or
     # log-uniform in dt_range ("range"); the mixer's input gain "zoh" scales x_t by 1 - exp(-dt_t)
@@ -198,8 +198,8 @@ def validate_config(cfg: RefineConfig) -> None:
         raise RefineError(f"--features must be pre, post or both, got {cfg.features!r}")
     if cfg.gen_cache not in ("auto", "static", "dynamic"):
         raise RefineError(f"--gen-cache must be auto, static or dynamic, got {cfg.gen_cache!r}")
-    if cfg.gen_precision not in ("auto", "bf16", "fp32"):
-        raise RefineError(f"--gen-precision must be auto, bf16 or fp32, got {cfg.gen_precision!r}")
+    if cfg.gen_precision not in ("bf16", "fp32"):
+        raise RefineError(f"--gen-precision must be bf16 or fp32, got {cfg.gen_precision!r}")
     if cfg.dt_init not in ("teacher", "range"):
         raise RefineError(f"--dt-init must be teacher or range, got {cfg.dt_init!r}")
     if cfg.ssm_input_gain not in SSM_INPUT_GAINS:
@@ -372,7 +372,7 @@ def prepare(cfg: RefineConfig, progress: bool = True):
                                          batch=cfg.gen_batch or (256 if on_gpu else 16), max_new=cfg.gen_max_new,
                                          texts=texts or None, continuation_share=cfg.gen_continuation_share,
                                          temperature=cfg.gen_temperature, top_p=cfg.gen_top_p, cache=cfg.gen_cache,
-                                         bf16={"auto": None, "bf16": True, "fp32": False}[cfg.gen_precision])
+                                         bf16=cfg.gen_precision == "bf16")
     rows = tokenize_and_pack(texts, tok, cfg.seq_len, cfg.max_tokens)
     vocab = teacher.get_input_embeddings().weight.shape[0]
     if rows.numel() and int(rows.max()) >= vocab:

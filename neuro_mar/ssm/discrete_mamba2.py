@@ -128,6 +128,8 @@ class DiscreteMamba2(nn.Module):
             k, l = self.d_conv - 1, xBC.shape[1]
             xt = xBC.transpose(1, 2)
             window = xt[..., l - k:] if l >= k else F.pad(xt, (k - l, 0))
+        elif state is not None and xBC.shape[1] == 1:
+            out, window = conv_step_silu(xBC, self.conv1d.weight, self.conv1d.bias, state.conv)
         else:
             out, window = causal_conv1d_silu_ref(xBC, self.conv1d.weight, self.conv1d.bias,
                                                  None if state is None else state.conv)
@@ -193,6 +195,18 @@ class DiscreteMamba2(nn.Module):
         sdtype = torch.float64 if dtype == torch.float64 else torch.float32
         return MixerState(torch.zeros(batch, self.conv_dim, self.d_conv - 1, device=device, dtype=dtype),
                           torch.zeros(batch, self.n_v_heads, self.headdim, self.d_state, device=device, dtype=sdtype))
+
+
+def conv_step_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, prev: torch.Tensor):
+    """One decode step of the causal conv + SiLU: ``x [b, 1, C]``, ``prev [b, C, K-1]`` ->
+    ``(out [b, 1, C], window [b, C, K-1])``, what ``causal_conv1d_silu_ref`` gives for ``l = 1``:
+    a dot product of each channel's window with its K taps instead of a convolution call (which
+    costs a decoding CPU more than the product)."""
+    full = torch.cat([prev.to(x.dtype), x.transpose(1, 2)], dim=-1)  # [b, C, K]
+    y = (full * weight[:, 0, :].to(x.dtype)).sum(-1)
+    if bias is not None:
+        y = y + bias.to(x.dtype)
+    return F.silu(y)[:, None, :], full[..., 1:]
 
 
 def mixing_matrix(mixer: DiscreteMamba2, u: torch.Tensor) -> torch.Tensor:
