@@ -224,6 +224,17 @@ def test_inference_loop_equals_the_reference_bit_for_bit(dtype, ternary, T, tau)
     big = torch.randn(4, 20000, generator=g).to(dtype)  # counted from the trace's sums
     _, s, c = atmn_infer.atmn_once_nograd(big, torch.tensor(0.3), 4, 0.5, True, want_spikes=True, count=True)
     assert c.tolist() == [int((s > 0).sum()), int((s < 0).sum())]
+    rows = (torch.randn(2, 700, 37, generator=g) * 3 * V).to(dtype)  # in blocks of rows
+    want_hat, want_spikes = atmn_ref.atmn_once_ref(rows, a, T, tau, sj_surrogate.Sigmoid(), ternary)
+    old = atmn_infer.BLOCK_ELEMENTS
+    atmn_infer.BLOCK_ELEMENTS = 500
+    try:
+        got_hat, got_spikes, counts = atmn_infer.atmn_once_nograd(rows, V, T, tau, ternary, want_spikes=True, count=True)
+    finally:
+        atmn_infer.BLOCK_ELEMENTS = old
+    torch.testing.assert_close(got_hat, want_hat)  # the T-term sum may round in another order: 1 ulp
+    assert torch.equal(got_spikes, want_spikes)
+    assert counts.tolist() == [int((want_spikes > 0).sum()), int((want_spikes < 0).sum())]
 
 
 def test_sites_take_the_inference_loop_only_without_autograd(monkeypatch):
