@@ -6,10 +6,11 @@ autograd function twice, keeps every spike tensor, stacks them and casts them fo
 Decoding one token on a CPU, those small tensor operations (about 40 per site and token, 120 sites
 in SmolLM2-135M) cost more than the model's matrix products. Here one potential buffer is updated
 in place, in blocks of rows that stay in the cache. The equations and their rounding are the
-reference's (the spikes and counts are equal to it bit for bit; the decoded value too, but for
-the order in which a blocked input's T-term sum may round, 1 ulp): ``m = h * (1/V)``; a spike where ``m >= 1`` (and ``-1`` where ``m <= -1``, ternary),
-which is exactly where the Heaviside forward of ``sg(m - 1)`` (``sg(-m - 1)``) is 1; the reset
-``h - s * V``; the charge ``u * (1/tau)``; fp32 math for half inputs.
+reference's: ``m = h * (1/V)``; a spike where ``m >= 1`` (and ``-1`` where ``m <= -1``,
+ternary), which is exactly where the Heaviside forward of ``sg(m - 1)`` (``sg(-m - 1)``) is 1;
+the reset ``h - s * V``; the charge ``u * (1/tau)``; fp32 math for half inputs. Spikes and counts
+equal the reference's bit for bit, and so does the decoded value but for the order in which a
+blocked input's T-term sum may round (1 ulp).
 """
 from __future__ import annotations
 
