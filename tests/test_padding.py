@@ -132,6 +132,36 @@ def test_beam_search_scores_match_a_full_forward():
         assert abs(float(out.sequences_scores[i]) - want) < 2e-6, (float(out.sequences_scores[i]), want)
 
 
+def test_num_return_sequences_and_assisted_decoding():
+    """num_return_sequences expands the rows with their masks and caches: with beams, each returned
+    sequence's score is the full forward's log-probability of it, the best first; with sampling,
+    each copy starts from its row's prompt. Assisted decoding, which crops a cache a recurrent
+    state cannot roll back, is refused by generate with the reason."""
+    m = _model(neurons=SPIKING)
+    rows = _rows([6, 4], seed=8)
+    ids, mask = _pad(rows, "left")
+    out = m.generate(ids, attention_mask=mask, max_new_tokens=4, num_beams=3, num_return_sequences=2,
+                     do_sample=False, length_penalty=0.0, early_stopping=True, pad_token_id=0, eos_token_id=None,
+                     output_scores=True, return_dict_in_generate=True)
+    assert out.sequences.shape == (4, ids.shape[1] + 4)
+    L = ids.shape[1]
+    for j in range(4):
+        r = rows[j // 2]
+        seq = torch.cat([r, out.sequences[j, L:]])[None]
+        with torch.no_grad():
+            logp = torch.log_softmax(m(seq).logits[0, :-1], -1)
+        want = sum(float(logp[t - 1, seq[0, t]]) for t in range(len(r), seq.shape[1]))
+        assert abs(float(out.sequences_scores[j]) - want) < 2e-6
+    assert out.sequences_scores[0] >= out.sequences_scores[1] and out.sequences_scores[2] >= out.sequences_scores[3]
+    torch.manual_seed(0)
+    sampled = m.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=True, num_return_sequences=3,
+                         pad_token_id=0, eos_token_id=None)
+    assert sampled.shape == (6, L + 3) and torch.equal(sampled[:, :L], ids.repeat_interleave(3, 0))
+    with pytest.raises(ValueError, match="assisted generation is not supported with stateful models"):
+        m.generate(ids[:1], max_new_tokens=3, assistant_model=_model(neurons=SPIKING, seed=3), pad_token_id=0,
+                   eos_token_id=None)
+
+
 def test_text_generation_pipeline_batched_equals_one_by_one(tmp_path, monkeypatch):
     """transformers' text-generation pipeline on a saved spiking checkpoint loaded through
     AutoModelForCausalLM(trust_remote_code=True): prompts of different lengths, batch_size=2 with
