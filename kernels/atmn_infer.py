@@ -18,6 +18,8 @@ import functools
 
 import torch
 
+from . import atmn_ref
+
 
 def _count(trace: torch.Tensor) -> torch.Tensor:
     """``int64 [positive, negative]`` spikes of a trace of -1/0/1 values. A large trace (up to 2^24
@@ -88,5 +90,5 @@ def _once(x, V, T, tau, ternary, want_spikes, count):
 
 @functools.lru_cache(maxsize=64)
 def _weights(T: int, tau: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """``tau^t [T]`` as the reference's ``step_weights`` rounds them."""
-    return torch.tensor([tau**t for t in range(T)], dtype=torch.float64).to(device=device, dtype=dtype)
+    """The reference's ``step_weights`` (``tau^t [T]``) in ``dtype`` on ``device``, made once."""
+    return atmn_ref.step_weights(T, tau).to(device=device, dtype=dtype)

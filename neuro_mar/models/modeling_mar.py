@@ -25,7 +25,7 @@ from transformers import initialization as init
 from transformers.utils import ModelOutput
 
 from ..neurons import SpikeSite, create, name_sites
-from ..neurons.registry import SwapSummary, replace_site_neurons, warn_if_stale
+from ..neurons.registry import SwapSummary, finish_swap, replace_site_neurons
 from ..neurons.input_once import InputOnceMixin
 from ..ssm import DiscreteMamba2, MixerState
 from ..ssm.discrete_mamba2 import dt_bias_init
@@ -372,10 +372,7 @@ class MARForCausalLM(MARPreTrainedModel, GenerationMixin):
         for q in sorted(selected):
             summary.rows += replace_site_neurons(self, name, q, keep_threshold, options).rows
         self.sync_neuron_config()
-        if calibrate_on is not None:
-            self.calibrate_thresholds(calibrate_on, only={r["site"] for r in summary.rows})
-        else:
-            warn_if_stale(summary, name, "set_neurons")
+        finish_swap(self, summary, name, "set_neurons", calibrate_on)
         return summary
 
     def sync_neuron_config(self) -> None:

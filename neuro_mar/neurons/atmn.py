@@ -115,9 +115,7 @@ class ATMN(InputOnceMixin, sj_neuron.BaseNode):
             return atmn_ops.atmn_once(x, self.a, self.T, self.tau, self.surrogate_function, self.ternary,
                                       self.detach_reset, write_spikes=want_spikes, count=count)
         if atmn_ops.lean_inference(x, self.a):
-            x_hat, spikes, counts = atmn_infer.atmn_once_nograd(x, self.threshold, self.T, self.tau, self.ternary,
-                                                                want_spikes, count)
-            return x_hat, spikes, counts
+            return atmn_infer.atmn_once_nograd(x, self.threshold, self.T, self.tau, self.ternary, want_spikes, count)
         return super().site_forward(x, want_spikes, count)
 
     def residual(self, x: torch.Tensor) -> torch.Tensor:

@@ -150,13 +150,7 @@ def swap_neurons(model: nn.Module, name: str, pattern: str | None = None, keep_t
         options: constructor options of the new neuron (see :func:`create`).
     """
     summary = replace_site_neurons(model, name, pattern, keep_threshold, options)
-    if calibrate_on is not None:
-        if not hasattr(model, "calibrate_thresholds"):
-            raise TypeError("swap_neurons: calibrate_on needs a MAR model (one with calibrate_thresholds); "
-                            "call each new neuron's calibrate(activations) instead")
-        model.calibrate_thresholds(calibrate_on, only={r["site"] for r in summary.rows})
-    else:
-        warn_if_stale(summary, name, "swap_neurons")
+    finish_swap(model, summary, name, "swap_neurons", calibrate_on)
     return summary
 
 
@@ -192,12 +186,20 @@ def replace_site_neurons(model: nn.Module, name: str, pattern: str | None, keep_
     return summary
 
 
-def warn_if_stale(summary: SwapSummary, name: str, caller: str) -> None:
-    """Warn where a trained spiking neuron was swapped for another type without recalibration."""
+def finish_swap(model: nn.Module, summary: SwapSummary, name: str, caller: str, calibrate_on) -> None:
+    """After a swap: recalibrate the swapped sites on ``calibrate_on`` (input_ids batches; a model
+    with ``calibrate_thresholds``), or warn where a trained spiking neuron was replaced by another
+    type without it."""
+    if calibrate_on is not None:
+        if not hasattr(model, "calibrate_thresholds"):
+            raise TypeError(f"{caller}: calibrate_on needs a MAR model (one with calibrate_thresholds); "
+                            "call each new neuron's calibrate(activations) instead")
+        model.calibrate_thresholds(calibrate_on, only={r["site"] for r in summary.rows})
+        return
     changed = [r for r in summary.rows if r["from"] not in (name, "Dense", "dense") and name != "dense"]
     if changed:
         warnings.warn(f"{caller}: {len(changed)} site(s) changed from {', '.join(sorted({r['from'] for r in changed}))}"
                       f" to {name}; the carried thresholds were trained for the old neuron's firing, so the model is "
                       f"not yet usable: recalibrate ({caller}(..., calibrate_on=batches) or "
                       f"model.calibrate_thresholds(batches)) and distil it again (neuro-mar refine --neuron {name})",
-                      stacklevel=3)
+                      stacklevel=4)

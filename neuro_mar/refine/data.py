@@ -229,13 +229,13 @@ def teacher_generated_texts(teacher, tokenizer, n_tokens: int, cache_dir: Path |
                                               for i in range(n_docs - len(conts))]
     rng.shuffle(prompts)
     device = next(teacher.parameters()).device
-    if cache == "auto":
-        cache = "static" if device.type == "cuda" else "dynamic"
+    default_cache = "static" if device.type == "cuda" else "dynamic"
+    cache = default_cache if cache == "auto" else cache
     if cache not in ("static", "dynamic"):
         raise ValueError(f"cache must be 'static', 'dynamic' or 'auto', got {cache!r}")
     bf16 = bool(bf16)
     settings = [n_tokens, max_new, seed, temperature, top_p, batch, prompts]
-    if cache != ("static" if device.type == "cuda" else "dynamic") or bf16:  # keys of earlier caches unchanged
+    if cache != default_cache or bf16:  # the keys of the corpora cached before these settings existed stay
         settings += [cache, bf16]
     key = hashlib.sha256(json.dumps([teacher.config.to_dict().get("_name_or_path", ""), teacher.config.vocab_size,
                                      teacher.config.num_hidden_layers, *settings]).encode()).hexdigest()[:16]

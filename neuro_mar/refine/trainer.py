@@ -342,9 +342,9 @@ class Trainer:
 
     def _budget_tick(self, target: int, stop_after: int | None, bar) -> int:
         """Account the wall time of the step just taken against ``cfg.max_seconds`` and, after
-        BUDGET_PROBE_STEPS steps of this session and every BUDGET_RECHECK steps after, cut
-        ``cfg.steps`` to what still fits at the session's mean wall seconds per step (checkpoint
-        writes included; each session's first step, which compiles kernels, is not counted).
+        BUDGET_PROBE_STEPS steps of this process and every BUDGET_RECHECK steps after, cut
+        ``cfg.steps`` to what still fits at this process's mean wall seconds per step (checkpoint
+        writes included; each process's first step, which compiles kernels, is not counted).
         Steps are only ever cut; the cosine schedule follows; all ranks agree (rank 0's figure is
         broadcast); the time spent survives a resume through the checkpoint."""
         now = time.perf_counter()
