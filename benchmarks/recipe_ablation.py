@@ -15,7 +15,9 @@ The phases run in the order given on the command line, so ``--stage2 best`` plac
 variants picks the better of those two and a run cut short still has its student.
 
 A variant may set its own budgets (``seconds_1b``, ``seconds_1c``, ``seconds_2``; the flags give
-the defaults) and batch (``micro_batch`` with its learning rates); ``base=best`` starts from the
+the defaults; ``seconds_1a > 0`` adds Stage 1a, matrix orientation, before 1b), batch
+(``micro_batch`` with its learning rates) and data (``generated_tokens`` and the other fields of
+``DATA_FIELDS`` or ``gen_*``: its rows are prepared for it, and its Stage 2 trains on them too); ``base=best`` starts from the
 overrides of the best variant run before it (e.g. ``long:base=best,seconds_1c=300``: the same
 recipe at a longer budget, a point of a tokens-vs-quality curve). A variant that runs out of GPU
 memory is recorded as such and the next one runs.
@@ -38,6 +40,12 @@ import time
 from pathlib import Path
 
 import torch
+
+
+#: RefineConfig fields that change the training rows: a variant setting one of them (or a gen_*
+#: sampling field) gets rows of its own (the teacher's samples are cached, so the same settings
+#: sample once)
+DATA_FIELDS = ("data", "generated_tokens", "mix_generated", "max_tokens", "seq_len", "detokenize", "text_field")
 
 
 def _value(text: str):
@@ -64,8 +72,8 @@ def main(argv=None) -> dict:
     from neuro_mar.evaluation.probes import attention_span
     from neuro_mar.hardware_models.counting import measure_site_activity
     from neuro_mar.io_utils import atomic_write_text
-    from neuro_mar.refine.pipeline import (PRESETS, RefineConfig, init_student, loss_1b, loss_1c, make_loss_2,
-                                           make_trainer, prepare)
+    from neuro_mar.refine.pipeline import (PRESETS, RefineConfig, init_student, loss_1b, loss_1c, make_loss_1a,
+                                           make_loss_2, make_trainer, prepare)
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -105,7 +113,8 @@ def main(argv=None) -> dict:
     variants = [parse_variant(v) for kind, v in args.phases if kind == "stage1"]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     results: dict = {"config": dataclasses.asdict(base), "variants": dict(variants), "seconds": {}, "models": {},
-                     "memory": {}, "cut_context": {}, "stage_tokens": {}, "firing_rate": {}, "failed": {}}
+                     "memory": {}, "cut_context": {}, "stage_tokens": {}, "firing_rate": {}, "failed": {},
+                     "train_tokens_of": {}}
     t0 = time.time()
 
     def save():
@@ -170,22 +179,28 @@ def main(argv=None) -> dict:
             over = {**results["variants"][best_stage1()], **{k: v for k, v in over.items() if k != "base"}}
             results["variants"][name] = over
         cfg = dataclasses.replace(base, **over)
+        rows = train
+        if any(k in DATA_FIELDS or k.startswith("gen_") for k in over):  # this variant's own training rows
+            rows = prepare(cfg)[2]
+            results["train_tokens_of"][name] = int(rows.numel())
         torch.manual_seed(cfg.seed)
-        student = init_student(cfg, teacher, train).to(device)
+        student = init_student(cfg, teacher, rows).to(device)
         results["memory"][f"{name}_init"] = head_memory(student, ids).tolist()
-        for st, fn, secs, lr in (("stage1b", loss_1b, cfg.seconds_1b, cfg.lr_1b),
-                                 ("stage1c", loss_1c, cfg.seconds_1c, cfg.lr_1c)):
+        subs = [("stage1a", make_loss_1a(cfg), cfg.seconds_1a, cfg.lr_1a)] if cfg.seconds_1a > 0 else []
+        for st, fn, secs, lr in subs + [("stage1b", loss_1b, cfg.seconds_1b, cfg.lr_1b),
+                                        ("stage1c", loss_1c, cfg.seconds_1c, cfg.lr_1c)]:
             t = time.time()
-            tr = make_trainer(cfg, f"{name}-{st}", student, teacher, fn, 100000, lr, secs, train, Path(args.work), device,
+            tr = make_trainer(cfg, f"{name}-{st}", student, teacher, fn, 100000, lr, secs, rows, Path(args.work), device,
                               trainable=cfg.train_1)
             tr.run()
             student = tr.result().student
             results["seconds"][f"{name} {st}"] = time.time() - t
-            results["stage_tokens"][f"{name} {st}"] = tr.step * cfg.micro_batch * cfg.grad_accum * train.shape[1]
+            width = cfg.seq_len_1a if st == "stage1a" else rows.shape[1]
+            results["stage_tokens"][f"{name} {st}"] = tr.step * cfg.micro_batch * cfg.grad_accum * min(width, rows.shape[1])
         student.eval().requires_grad_(False)
         results["memory"][f"{name}_stage1"] = head_memory(student, ids).tolist()
         evaluate(f"{name} stage1", student)
-        stage1[name] = (cfg, student)
+        stage1[name] = (cfg, student, rows)
 
     def run_stage2(spec):
         name, over = parse_variant(spec)
@@ -193,22 +208,22 @@ def main(argv=None) -> dict:
             name = best_stage1()
             results.setdefault("best_stage1", {})[spec] = name
             spec = name + spec[len("best"):]
-        cfg, s1 = stage1[name]
+        cfg, s1, rows = stage1[name]
         cfg = dataclasses.replace(cfg, **over)
         name = spec
         spiking = copy.deepcopy(s1).requires_grad_(True)
         spiking.set_neurons(cfg.neuron, **cfg.neuron_options)
         spiking.to(device)
-        spiking.calibrate_thresholds([train[:cfg.micro_batch].to(device)], percentile=cfg.calib_percentile)
+        spiking.calibrate_thresholds([rows[:cfg.micro_batch].to(device)], percentile=cfg.calib_percentile)
         t = time.time()
         teacher_2 = teacher if cfg.stage2_teacher == "teacher" else s1
         tr = make_trainer(cfg, f"{name}-stage2", spiking, teacher_2, make_loss_2(cfg), 100000, cfg.lr_2, cfg.seconds_2,
-                          train, Path(args.work), device, trainable=cfg.train_2)
+                          rows, Path(args.work), device, trainable=cfg.train_2)
         tr.run()
         spiking = tr.result().student.eval()
         results["seconds"][f"{name} stage2"] = time.time() - t
-        results["stage_tokens"][f"{name} stage2"] = tr.step * cfg.micro_batch * cfg.grad_accum * train.shape[1]
-        activity = measure_site_activity(spiking, [train[-2:].to(device)])
+        results["stage_tokens"][f"{name} stage2"] = tr.step * cfg.micro_batch * cfg.grad_accum * rows.shape[1]
+        activity = measure_site_activity(spiking, [rows[-2:].to(device)])
         rates = [v["firing_rate"] for k, v in activity.items() if isinstance(k, tuple)]
         results["firing_rate"][name] = sum(rates) / len(rates)
         evaluate(f"{name} student", spiking)

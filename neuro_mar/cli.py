@@ -456,6 +456,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="under torchrun: shard parameters, gradients and optimizer state (FSDP2) instead of DDP")
     for name, typ, hlp in [("seq_len", int, "tokens per training sequence"), ("generated_tokens", int, None),
                            ("max_tokens", int, None), ("steps_1a", int, "matrix orientation steps (0 = skip)"),
+                           ("seq_len_1a", int, "tokens of each row that Stage 1a aligns (its l x l matrices)"),
                            ("steps_1b", int, "per-layer alignment steps"), ("steps_1c", int, "end-to-end KL steps"),
                            ("steps_2", int, "Stage-2 SBDS steps"), ("lr_1a", float, None), ("lr_1b", float, None),
                            ("lr_1c", float, None), ("lr_2", float, None), ("micro_batch", int, None),

@@ -11,6 +11,7 @@ import hashlib
 import importlib.util
 import os
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -111,6 +112,20 @@ def align_special_tokens(tok, model):
     if pad is not None and tok.pad_token_id != pad:
         tok.pad_token = tok.convert_ids_to_tokens(pad)
     return tok
+
+
+@contextmanager
+def eager_attention(model):
+    """Run a Hugging Face attention model with eager attention inside the block (the one
+    implementation that returns attention probabilities), and give it back its own after."""
+    impl = getattr(model.config, "_attn_implementation", None)
+    if impl != "eager":
+        model.set_attn_implementation("eager")
+    try:
+        yield model
+    finally:
+        if impl not in (None, "eager"):
+            model.set_attn_implementation(impl)
 
 
 def load_teacher(spec: str = DEFAULT_TEACHER, dtype: torch.dtype = torch.float32, device=None):

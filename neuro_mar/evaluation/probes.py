@@ -45,14 +45,10 @@ def attention_span(teacher, input_ids: torch.Tensor, min_position: int = 64) -> 
     """``(span [layers, heads], sink [layers, heads])`` of a Hugging Face attention model on
     ``input_ids [b, l]``: mean query-to-key distance in tokens over keys after the first, and the
     mean attention mass on position 0, over query positions ``>= min_position``."""
-    impl = getattr(teacher.config, "_attn_implementation", None)
-    if impl != "eager":
-        teacher.set_attn_implementation("eager")
-    try:
+    from ..teachers import eager_attention
+
+    with eager_attention(teacher):
         out = teacher(input_ids=input_ids.to(next(teacher.parameters()).device), output_attentions=True)
-    finally:
-        if impl not in (None, "eager"):
-            teacher.set_attn_implementation(impl)
     l = input_ids.shape[1]
     if l <= min_position:
         raise ValueError(f"sequences of {l} tokens are too short for min_position={min_position}")

@@ -16,6 +16,7 @@ Each sub-stage has its own step budget; 0 skips it. Output folder: ``stage1/`` a
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import math
 import os
@@ -84,6 +85,9 @@ class RefineConfig:
     features: str = "pre"
     ce_weight: float = 0.0
     steps_1a: int = 0
+    # matrix orientation aligns every layer's and head's l x l mixing matrix at once: on the first
+    # seq_len_1a tokens of each row (memory grows with its square)
+    seq_len_1a: int = 256
     steps_1b: int = 30
     steps_1c: int = 20
     steps_2: int = 40
@@ -163,7 +167,7 @@ _RANGES = [
       "throughput_steps"), lambda v: v >= 0, "an integer >= 0"),
     (("micro_batch", "grad_accum", "ckpt_every", "eval_rows", "gen_max_new", "throughput_micro_batch"),
      lambda v: v >= 1, "an integer >= 1"),
-    (("seq_len", "eval_max_length"), lambda v: v >= 2, "an integer >= 2"),
+    (("seq_len", "seq_len_1a", "eval_max_length"), lambda v: v >= 2, "an integer >= 2"),
     (("lr_1a", "lr_1b", "lr_1c", "lr_2", "temperature", "gen_temperature"), lambda v: v > 0, "a number > 0"),
     (("alpha", "beta", "gamma", "ce_weight", "seconds_1a", "seconds_1b", "seconds_1c", "seconds_2",
       "seconds_ablation"), lambda v: v >= 0, "a number >= 0"),
@@ -232,15 +236,24 @@ def _teacher_layer_io(teacher, ids):
     return io
 
 
-def loss_1a(student, teacher, ids):
-    """Matrix orientation: MSE between each mixer's mixing matrix and the layer's attention matrix."""
-    with torch.no_grad():
+def loss_1a(student, teacher, ids, window: int | None = None):
+    """Matrix orientation: MSE between each mixer's mixing matrix and the layer's attention matrix,
+    on the first ``window`` tokens of each row (all of them without one). The teacher runs with
+    eager attention for it (the one implementation that returns the probabilities)."""
+    from ..teachers import eager_attention
+
+    ids = ids[:, :window] if window else ids
+    with torch.no_grad(), eager_attention(teacher):
         out = teacher(input_ids=ids, output_attentions=True, output_hidden_states=True)
     terms = []
     for l, layer in enumerate(student.model.layers):
         u = layer.input_layernorm(out.hidden_states[l])
         terms.append(F.mse_loss(mixing_matrix(layer.mixer, u), out.attentions[l].float()))
     return torch.stack(terms).mean()
+
+
+def make_loss_1a(cfg: RefineConfig):
+    return functools.partial(loss_1a, window=cfg.seq_len_1a)
 
 
 def loss_1b(student, teacher, ids):
@@ -358,8 +371,6 @@ def prepare(cfg: RefineConfig, progress: bool = True):
         llama_to_mar(teacher)  # refuses a teacher that is not Llama-shaped, before anything is written
     except ValueError as err:
         raise RefineError(str(err)) from None
-    if cfg.steps_1a > 0:  # matrix orientation needs the attention probabilities
-        teacher.set_attn_implementation("eager")
     texts = []
     for p in cfg.data:
         texts += read_texts(p, cfg.text_field)
@@ -607,7 +618,7 @@ def _run_locked(cfg: RefineConfig, out: Path, resume: bool, progress: bool, dist
     if resume and (stage1_dir / "config.json").is_file():
         student = MARForCausalLM.from_pretrained(stage1_dir).to(device)
     else:
-        student = stage("stage1a", student, teacher, loss_1a, cfg.steps_1a, cfg.lr_1a, cfg.seconds_1a)
+        student = stage("stage1a", student, teacher, make_loss_1a(cfg), cfg.steps_1a, cfg.lr_1a, cfg.seconds_1a)
         student = stage("stage1b", student, teacher, loss_1b, cfg.steps_1b, cfg.lr_1b, cfg.seconds_1b)
         student = stage("stage1c", student, teacher, loss_1c, cfg.steps_1c, cfg.lr_1c, cfg.seconds_1c)
         if rank == 0:
