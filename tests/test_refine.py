@@ -573,7 +573,7 @@ def test_unknown_train_group_is_refused_before_anything_is_written(tmp_path, tea
         run_refine(cfg, tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists()
     for key, value, message in (("gen_cache", "paged", "--gen-cache must be auto, static or dynamic, got 'paged'"),
-                                ("gen_precision", "fp16", "--gen-precision must be bf16 or fp32, got 'fp16'")):
+                                ("gen_precision", "fp16", "--gen-precision must be auto, bf16 or fp32, got 'fp16'")):
         bad = RefineConfig(**{**PRESETS["tiny"], "teacher": str(teacher_dir), "data": [str(data_file)], key: value})
         with pytest.raises(RefineError, match=message):
             run_refine(bad, tmp_path / "run", progress=False)
