@@ -158,6 +158,11 @@ def load_table(path: str | Path) -> CostTable:
     except Exception as err:  # noqa: BLE001 - any parse error is reported with the file name
         raise ValueError(f"cost table {path}: cannot parse ({type(err).__name__}: {err})") from None
     known = {f.name: f for f in fields(CostTable)}
+    if not isinstance(data, dict):
+        raise ValueError(f"cost table {path}: holds {type(data).__name__}, not a JSON object; a table is one object "
+                         f"of fields, e.g. {{\"name\": \"mychip\", \"kind\": \"neuromorphic\", \"source\": ..., "
+                         f"\"scope\": ..., \"e_ac\": 2.0, \"e_mac\": ..., \"e_mul\": ..., \"e_add\": ...}} "
+                         f"(fields: {', '.join(known)})")
     unknown = set(data) - set(known)
     if unknown:
         raise ValueError(f"cost table {path}: unknown field(s) {sorted(unknown)}; fields are {sorted(known)}")
@@ -165,6 +170,10 @@ def load_table(path: str | Path) -> CostTable:
     missing = [k for k in required if k not in data]
     if missing:
         raise ValueError(f"cost table {path}: missing field(s) {missing} (every constant needs a source and scope)")
+    for k in required:
+        if data[k] is None:
+            raise ValueError(f"cost table {path}: {k} is required, got null (every constant needs a value, a source "
+                             "and a scope)")
     if data["kind"] not in ("digital", "neuromorphic", "gpu"):
         raise ValueError(f"cost table {path}: kind must be digital, neuromorphic or gpu, got {data['kind']!r}")
     for k in TEXT_FIELDS:

@@ -21,25 +21,69 @@ def _cmd_neurons(args) -> int:
     return 0
 
 
-def _token_batches(tokenizer, path: str | None, seq_len: int, max_tokens: int, text: str | None = None):
-    """Token batches [1, seq_len] of ``text``, of the file ``path``, or of the built-in sample."""
+def _read_data(path: str, text_field: str = "text") -> list[str]:
+    """The texts of ``--data``, read as ``refine --data`` reads them (.txt as UTF-8, .jsonl and
+    .parquet by ``text_field``, a saved datasets folder): a binary file, a file that is not UTF-8
+    or a missing field raises ``DataError`` naming the file, instead of being tokenized as garbage."""
+    from .refine.data import read_texts
+
+    return read_texts(path, text_field)
+
+
+def _token_batches(tokenizer, texts: list[str] | None, seq_len: int, max_tokens: int):
+    """Token batches [1, seq_len] of ``texts`` (from :func:`_read_data`, or ``[--text]``), or of
+    the built-in sample. Several texts (documents of a .jsonl, .parquet or datasets folder) are
+    joined with the end-of-text token between documents, as refine packs them."""
     from pathlib import Path
 
-    if text is not None:
-        pass
-    elif path is None:
-        text = (Path(__file__).parent / "data" / "sample.txt").read_text()
+    import torch
+
+    if texts is None:
+        texts = [(Path(__file__).parent / "data" / "sample.txt").read_text(encoding="utf-8")]
+    if len(texts) == 1:
+        ids = tokenizer(texts[0], return_tensors="pt").input_ids[0][:max_tokens]
     else:
-        p = Path(path)
-        if not p.is_file():
-            raise SystemExit(f"error: data file {p} does not exist")
-        text = p.read_text(errors="replace")
-        if not text.strip():
-            raise SystemExit(f"error: data file {p} is empty")
-    ids = tokenizer(text, return_tensors="pt").input_ids[0][:max_tokens]
+        flat: list[int] = []
+        for t in texts:
+            flat += tokenizer(t, add_special_tokens=False).input_ids
+            if tokenizer.eos_token_id is not None:
+                flat.append(tokenizer.eos_token_id)
+            if len(flat) >= max_tokens:
+                break
+        ids = torch.tensor(flat[:max_tokens], dtype=torch.long)
     if ids.numel() < 1:
         raise SystemExit("error: the text gives no tokens")
     return [ids[i:i + seq_len].unsqueeze(0) for i in range(0, ids.numel(), seq_len)]
+
+
+def _load_teacher(spec: str):
+    """``teachers.load_teacher`` with the checks a MAR folder gets in ``from_pretrained``: a local
+    folder's config.json must parse, its safetensors files must be whole and their shapes those
+    of its config, and the loaded weights must be finite."""
+    from pathlib import Path
+
+    from safetensors import SafetensorError
+
+    from .models.checks import check_finite_weights, check_weights_files
+    from .teachers import load_teacher
+
+    folder = Path(spec).expanduser()
+    if _read_config(folder) is not None:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        try:
+            config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
+        except Exception:  # noqa: BLE001 - an unknown model type: load_teacher says why
+            config = None
+        if config is not None:
+            check_weights_files(folder, lambda: AutoModelForCausalLM.from_config(config))
+    try:
+        teacher, tok = load_teacher(spec)
+    except SafetensorError as err:
+        raise ValueError(f"{spec}: a weights file is damaged or incomplete (SafetensorError: {err}); re-save the "
+                         "model or copy it again") from None
+    check_finite_weights(teacher, spec)
+    return teacher, tok
 
 
 def load_student(spec: str, neuron: str | None):
@@ -65,9 +109,8 @@ def load_student(spec: str, neuron: str | None):
         tok = AutoTokenizer.from_pretrained(p) if (p / "tokenizer_config.json").is_file() else None
         return model, tok
     from .convert import llama_to_mar
-    from .teachers import load_teacher
 
-    teacher, tok = load_teacher(spec)
+    teacher, tok = _load_teacher(spec)
     model = llama_to_mar(teacher).eval()
     if neuron:
         model.set_neurons(neuron)
@@ -97,9 +140,10 @@ def _cmd_energy(args) -> int:
             get_target(t)
         except (ValueError, FileNotFoundError) as err:
             raise SystemExit(f"error: {err}") from None
+    texts = _read_data(args.data, args.text_field) if args.data else None  # checked before the model loads
     torch.manual_seed(0)
     model, tok = _model_and_tokenizer(args.model, args.neuron, args.tokenizer, mar=True)
-    batches = _token_batches(tok, args.data, args.seq_len, args.max_tokens)
+    batches = _token_batches(tok, texts, args.seq_len, args.max_tokens)
     if args.neuron:  # a freshly set neuron needs thresholds from the data
         model.calibrate_thresholds(batches[:1])
     reports = {}
@@ -114,12 +158,29 @@ def _cmd_energy(args) -> int:
     return 0
 
 
-def _is_mar_checkpoint(spec: str) -> bool:
+def _read_config(folder) -> dict | None:
+    """``folder/config.json`` as a dict, None when there is none; a file that is not a JSON
+    object raises ``ValueError`` naming it."""
     import json
     from pathlib import Path
 
-    p = Path(spec) / "config.json"
-    return p.is_file() and json.loads(p.read_text()).get("model_type") == "neuro_mar"
+    p = Path(folder).expanduser() / "config.json"
+    if not p.is_file():
+        return None
+    fix = ("the model folder's config.json is truncated or edited: restore it (copy the folder again or re-save "
+           "the model)")
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ValueError(f"{p}: is not valid JSON ({err}); {fix}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{p}: holds {type(data).__name__}, not a JSON object; {fix}")
+    return data
+
+
+def _is_mar_checkpoint(spec: str) -> bool:
+    config = _read_config(spec)
+    return config is not None and config.get("model_type") == "neuro_mar"
 
 
 def _cmd_trace(args) -> int:
@@ -129,8 +190,9 @@ def _cmd_trace(args) -> int:
 
     if (args.text is None) == (args.data is None):
         raise SystemExit("error: give exactly one of --text or --data")
+    texts = [args.text] if args.text is not None else _read_data(args.data, args.text_field)
     model, tok = _model_and_tokenizer(args.model, args.neuron, args.tokenizer, mar=True)
-    batches = _token_batches(tok, args.data, args.seq_len, args.max_tokens, text=args.text)
+    batches = _token_batches(tok, texts, args.seq_len, args.max_tokens)
     if args.neuron:
         model.calibrate_thresholds(batches[:1])
     out = Path(args.out)
@@ -172,7 +234,16 @@ def _refine_config(args):
     if args.neuron_option:
         import json
 
-        values["neuron_options"] = json.loads(args.neuron_option)
+        example = '\'{"T": 8, "tau": 0.5}\''
+        try:
+            options = json.loads(args.neuron_option)
+        except ValueError as err:
+            raise ValueError(f"--neuron-option must be a JSON object such as {example}; {args.neuron_option!r} is not "
+                             f"valid JSON ({err})") from None
+        if not isinstance(options, dict):
+            raise ValueError(f"--neuron-option must be a JSON object such as {example}; got "
+                             f"{type(options).__name__} {args.neuron_option!r}")
+        values["neuron_options"] = options
     return RefineConfig(**values)
 
 
@@ -257,7 +328,7 @@ def _cmd_eval(args) -> int:
                                                  progress=True, model_name=spec)
         try:
             if args.data:
-                rows = tokenize_and_pack(read_texts(args.data), tok, args.seq_len, args.max_tokens)
+                rows = tokenize_and_pack(read_texts(args.data, args.text_field), tok, args.seq_len, args.max_tokens)
                 results["perplexity"] = perplexity(model, rows)
                 if args.teacher:
                     from .refine import agreement
@@ -292,9 +363,7 @@ def _cmd_eval(args) -> int:
 def _load_any(spec: str):
     if _is_mar_checkpoint(spec):
         return load_student(spec, None)
-    from .teachers import load_teacher
-
-    return load_teacher(spec)
+    return _load_teacher(spec)
 
 
 def _cmd_generate(args) -> int:
@@ -329,9 +398,11 @@ def _cmd_simulate(args) -> int:
     import json
     from pathlib import Path
 
+    from .hardware_models.targets import get_target
     from .io_utils import atomic_write_text
     from .simulate import EventDrivenExecutor, MappingError
 
+    get_target(args.target)  # a bad --target (name or cost table file) is refused before the model loads
     model, tok = _model_and_tokenizer(args.model, args.neuron, args.tokenizer, mar=True)
     ids = tok(args.text, return_tensors="pt").input_ids
     if ids.numel() == 0:
@@ -391,7 +462,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "h200-bf16) or a .toml/.json table")
     e.add_argument("--context", type=int, action="append", metavar="N",
                    help="context length of the comparison (repeatable; default 512)")
-    e.add_argument("--data", metavar="FILE", help="text file to run (default: a built-in English sample)")
+    e.add_argument("--data", metavar="FILE", help=".txt, .jsonl, .parquet or a saved datasets folder to run, read "
+                                                  "as refine --data reads it (default: a built-in English sample)")
+    e.add_argument("--text-field", default="text", help="the text field of a .jsonl/.parquet/datasets --data")
     e.add_argument("--neuron", help="set this neuron at all four sites and calibrate thresholds on the data")
     e.add_argument("--tokenizer", default="smollm2-135m", help="tokenizer when MODEL has none (a teacher spec)")
     e.add_argument("--seq-len", type=int, default=256)
@@ -406,7 +479,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "--format nwb/nir also writes that view. MODEL as for `neuro-mar energy`.")
     t.add_argument("model", metavar="MODEL")
     t.add_argument("--text", help="text to run")
-    t.add_argument("--data", metavar="FILE", help="text file to run")
+    t.add_argument("--data", metavar="FILE", help=".txt, .jsonl, .parquet or a saved datasets folder to run, read "
+                                                  "as refine --data reads it")
+    t.add_argument("--text-field", default="text", help="the text field of a .jsonl/.parquet/datasets --data")
     t.add_argument("--out", required=True, metavar="FILE")
     t.add_argument("--sites", default="*", metavar="PATTERN",
                    help="fnmatch pattern on population names like L03.mlp.down (default: all spiking sites)")
@@ -477,15 +552,15 @@ def build_parser() -> argparse.ArgumentParser:
                                                      "PyTorch reference paths (0 = skip)"),
                            ("throughput_micro_batch", int, "sequences per step of that measurement"),
                            ("gen_max_new", int, "tokens per teacher sample (default 256)"),
-                           ("gen_batch", int, "sequences per sampling batch (default: 256 on a GPU, 16 on a CPU)"),
+                           ("gen_batch", int, "sequences per sampling batch (default: 1024 on a GPU, 16 on a CPU)"),
                            ("gen_continuation_share", float, "share of sampling prompts that open --data paragraphs "
                                                              "(default 0.75; the rest: built-in instructions)"),
                            ("gen_temperature", float, "teacher sampling temperature (default 1.0)"),
                            ("gen_top_p", float, "teacher sampling nucleus (default 0.95)"),
                            ("gen_cache", str, "KV cache of teacher sampling: auto, static or dynamic (default auto: "
-                                              "static on a GPU)"),
-                           ("gen_precision", str, "teacher sampling precision: fp32 (default) or bf16 (a bf16 copy "
-                                                  "of the teacher samples)"),
+                                              "dynamic)"),
+                           ("gen_precision", str, "teacher sampling precision: auto (default: bf16 on a GPU, fp32 "
+                                                  "elsewhere), fp32 or bf16 (a bf16 copy of the teacher samples)"),
                            ("eval_limit", int, "documents per suite task (default 0 = all)"),
                            ("eval_max_length", int, "model window of the suite in tokens (default 2048)")]:
         r.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, help=hlp)
@@ -555,7 +630,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch-tokens", type=int, default=8192, help="input tokens per forward")
     ev.add_argument("--device", help="run the models here (e.g. cuda)")
     ev.add_argument("--out", metavar="DIR", help="write suite.json and suite.md here")
-    ev.add_argument("--data", metavar="FILE", help="text file for perplexity")
+    ev.add_argument("--data", metavar="FILE", help="text for perplexity: .txt, .jsonl, .parquet or a saved datasets "
+                                                   "folder")
+    ev.add_argument("--text-field", default="text", help="the text field of a .jsonl/.parquet/datasets --data")
     ev.add_argument("--teacher", help="with --data: KL and top-1 agreement with this teacher")
     ev.add_argument("--tasks", action="append", metavar="FILE.jsonl", help="multiple-choice jsonl (ARC/PIQA/HellaSwag)")
     ev.add_argument("--tokenizer", default="smollm2-135m", help="tokenizer when MODEL has none")

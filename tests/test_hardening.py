@@ -100,9 +100,11 @@ def test_a_planted_checkpoint_never_runs(tmp_path, teacher_dir, data_file):
     ckpt.write_bytes(pickle.dumps({"step": p}))
     # stage1/ exists, so the Stage-1 sub-stages are skipped: plant Stage 2's checkpoint too
     (tmp_path / "run" / "checkpoints" / "stage2.pt").write_bytes(pickle.dumps({"step": p}))
-    with pytest.raises(SystemExit, match=r"error: checkpoint .*stage2.pt cannot be read as plain weights"):
+    with pytest.raises(SystemExit, match=r"error: checkpoint .*stage2.pt cannot be read as plain weights: it "
+                                         r"holds more than tensors") as refused:
         _refine(tmp_path, teacher_dir, data_file, "--resume")
     assert not marker.exists()
+    assert "weights_only" not in str(refused.value)  # torch's hint to load it anyway is not passed on
 
 
 def test_resume_with_other_options_is_refused_and_keeps_the_record(tmp_path, teacher_dir, data_file):
@@ -115,16 +117,27 @@ def test_resume_with_other_options_is_refused_and_keeps_the_record(tmp_path, tea
                                          r"--seq-len 32 -> 16\)"):
         _refine(tmp_path, teacher_dir, data_file, "--resume", "--neuron", "binary", "--seq-len", "16")
     assert (tmp_path / "run" / "refine_config.json").read_text() == record
-    with pytest.raises(SystemExit, match=r"--resume: .*other options \(--data "):
-        _refine(tmp_path, teacher_dir, tmp_path / "elsewhere.txt", "--resume")
     original = data.read_text()
     data.write_text(" ".join(f"w{(i * 5) % 90}" for i in range(3000)))  # same file, other text
     with pytest.raises(SystemExit, match="--resume: the training rows differ from those"):
         _refine(tmp_path, teacher_dir, data_file, "--resume")
     data.write_text(original)
-    # evaluation options may change on a resume
-    assert _refine(tmp_path, teacher_dir, data_file, "--resume", "--eval-max-tokens", "100") == 0
-    ident = json.loads((tmp_path / "run" / "run_identity.json").read_text())
+    ident_file = tmp_path / "run" / "run_identity.json"
+    ident = ident_file.read_text()
+    ident_file.unlink()  # without it nothing could tell the teacher or the data apart
+    with pytest.raises(SystemExit, match=r"--resume: .*run_identity.json is missing"):
+        _refine(tmp_path, teacher_dir, data_file, "--resume")
+    ident_file.write_text(ident)
+    (tmp_path / "run" / "refine_config.json").write_text(record[: len(record) // 2])
+    with pytest.raises(SystemExit, match=r"--resume: .*refine_config.json is damaged \(not JSON"):
+        _refine(tmp_path, teacher_dir, data_file, "--resume")
+    (tmp_path / "run" / "refine_config.json").write_text(record)
+    # the data by another path (checked by content) and other evaluation options are accepted
+    moved = tmp_path / "copy" / "train.txt"
+    moved.parent.mkdir()
+    moved.write_text(original)
+    assert _refine(tmp_path, teacher_dir, moved, "--resume", "--eval-max-tokens", "100") == 0
+    ident = json.loads(ident_file.read_text())
     assert set(ident) == {"teacher_weights", "tokenizer", "training_rows"} and all(len(v) == 64 for v in ident.values())
 
 
@@ -172,6 +185,16 @@ def test_data_readers_refuse_what_is_not_text(tmp_path, name, content, match):
     p.write_bytes(content)
     with pytest.raises(DataError, match=match):
         read_texts(p)
+
+
+def test_a_byte_order_mark_is_not_part_of_the_text(tmp_path):
+    """Editors on Windows start UTF-8 files with a BOM: it is dropped, not refused or trained on."""
+    from neuro_mar.refine import read_texts
+
+    (tmp_path / "a.jsonl").write_bytes(b'\xef\xbb\xbf{"text": "first"}\n{"text": "second"}\n')
+    (tmp_path / "a.txt").write_bytes(b"\xef\xbb\xbfplain text\n")
+    assert read_texts(tmp_path / "a.jsonl") == ["first", "second"]
+    assert read_texts(tmp_path / "a.txt") == ["plain text\n"]
 
 
 def test_integer_parquet_column_is_refused(tmp_path):
@@ -224,13 +247,15 @@ def test_calibration_refuses_non_finite_activations():
 
 
 def test_eval_of_a_nan_model_is_an_error_not_a_number(tmp_path, capsys):
+    """Outputs that are NaN although every weight is finite (NaN weights are refused at load,
+    test_a_model_with_non_finite_weights_is_refused_at_load): an LM head whose products overflow."""
     from tiny import tiny_mar
 
     from test_refine import _tokenizer
 
-    m = tiny_mar(seed=0)
+    m = tiny_mar(seed=0, tie_word_embeddings=False)
     with torch.no_grad():
-        m.model.norm.weight.fill_(float("nan"))
+        m.lm_head.weight.fill_(3e38)  # finite, but h * 3e38 overflows: inf - inf = NaN logits
     m.save_pretrained(tmp_path / "m")
     _tokenizer().save_pretrained(tmp_path / "m")
     data = tmp_path / "d.txt"
@@ -299,14 +324,15 @@ def test_resume_of_a_run_recorded_before_an_option_existed():
 
 
 def test_generate_from_a_nan_model_is_an_error(tmp_path):
-    """A broken model printed an empty string (greedy argmax of NaN logits); now one error line."""
+    """A broken model printed an empty string (greedy argmax of NaN logits); now one error line.
+    Its weights are finite (NaN weights are refused at load); its logits overflow."""
     from tiny import tiny_mar
 
     from test_refine import _tokenizer
 
-    m = tiny_mar(seed=0)
+    m = tiny_mar(seed=0, tie_word_embeddings=False)
     with torch.no_grad():
-        m.model.norm.weight.fill_(float("nan"))
+        m.lm_head.weight.fill_(3e38)
     m.save_pretrained(tmp_path / "m")
     _tokenizer().save_pretrained(tmp_path / "m")
     with pytest.raises(SystemExit, match="error: .* gives NaN or infinite logits for the prompt"):
@@ -427,3 +453,239 @@ def test_a_tokenizer_larger_than_the_teachers_vocabulary_is_refused(tmp_path, da
                                          r"teacher's embedding has 40 rows"):
         main(BASE + ["--out", str(tmp_path / "run"), "--teacher", str(d), "--data", str(data_file)])
     assert not (tmp_path / "run").exists()
+
+
+# --- model folders, data files and tables that are not what they claim (outside adversarial pass) ---
+
+def _refused(argv) -> str:
+    """Run the CLI on ``argv``, which must stop with one ``error:`` line (a SystemExit whose
+    message Python prints to stderr, exit status 1; no traceback); returns that line."""
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    msg = info.value.code
+    assert isinstance(msg, str) and msg.startswith("error: ") and "\n" not in msg, msg
+    assert "Traceback" not in msg and "ignore_mismatched_sizes" not in msg and "weights_only=False" not in msg
+    return msg
+
+
+def _mar_folder(path, poison=None, value=float("nan"), **kw):
+    """A tiny MAR checkpoint folder with its tokenizer; ``poison``: a parameter set to ``value``."""
+    from tiny import tiny_mar
+
+    from test_refine import _tokenizer
+
+    m = tiny_mar(seed=0, **kw)
+    if poison:
+        with torch.no_grad():
+            m.get_parameter(poison).view(-1)[0] = value
+    m.save_pretrained(path)
+    _tokenizer().save_pretrained(path)
+    return path
+
+
+def _every_command(folder, tmp_path):
+    """Each command that loads a model, on ``folder``, writing (if it got that far) under tmp_path/out."""
+    data = tmp_path / "d.txt"
+    data.write_text(" ".join(f"w{i % 90}" for i in range(200)))
+    out = tmp_path / "out"
+    return [["eval", str(folder), "--data", str(data), "--seq-len", "16", "--max-tokens", "64"],
+            ["generate", str(folder), "--prompt", "w1 w2", "--max-new-tokens", "2"],
+            ["energy", str(folder), "--target", "45nm-fp32", "--max-tokens", "32", "--out", str(out)],
+            ["trace", str(folder), "--text", "w1 w2 w3", "--out", str(out / "t.h5")],
+            ["simulate", str(folder), "--text", "w1 w2", "--quantize", "--out", str(out)]]
+
+
+@pytest.mark.parametrize("field,value,tensor,shapes", [
+    ("hidden_size", 48, "model.embed_tokens.weight", r"\[97, 32\] in model.safetensors but \[97, 48\]"),
+    ("vocab_size", 101, "model.embed_tokens.weight", r"\[97, 32\] in model.safetensors but \[101, 32\]"),
+    ("d_state", 16, "model.layers.0.mixer.conv1d.bias", r"\[64\] in model.safetensors but \[96\]"),
+])
+def test_a_config_whose_shapes_do_not_match_the_weights_is_refused(tmp_path, field, value, tensor, shapes):
+    """An edited hidden_size / vocab_size / d_state ended in transformers' RuntimeError suggesting
+    ignore_mismatched_sizes; now one line naming the folder, the tensors with both shapes and the
+    fix, from every command, before anything is written."""
+    from neuro_mar.models import MARForCausalLM
+
+    folder = _mar_folder(tmp_path / "m")
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg[field] = value
+    (folder / "config.json").write_text(json.dumps(cfg))
+    match = (f"{folder}: config.json does not match the weights: .*{tensor} is {shapes} by config.json"
+             ".*not from the same model")
+    with pytest.raises(ValueError, match=match):
+        MARForCausalLM.from_pretrained(folder)
+    for argv in _every_command(folder, tmp_path):
+        assert tensor in _refused(argv), argv
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_shape_mismatch_is_one_stderr_line_from_the_command(tmp_path):
+    """The installed entry point: exit status 1, one stderr line, no traceback, no load report."""
+    import subprocess
+    import sys
+
+    folder = _mar_folder(tmp_path / "m")
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["vocab_size"] = 101
+    (folder / "config.json").write_text(json.dumps(cfg))
+    proc = subprocess.run([sys.executable, "-m", "neuro_mar", "generate", str(folder), "--prompt", "w1"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and proc.stdout == ""
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {folder}: config.json does not match"), proc.stderr
+
+
+@pytest.mark.parametrize("damage", ["truncated", "random", "empty"])
+def test_a_damaged_weights_file_is_refused(tmp_path, damage):
+    """A truncated or random model.safetensors gave safetensors' SafetensorError traceback."""
+    import os
+
+    from neuro_mar.models import MARForCausalLM
+
+    folder = _mar_folder(tmp_path / "m")
+    f = folder / "model.safetensors"
+    raw = f.read_bytes()
+    f.write_bytes({"truncated": raw[: len(raw) // 2], "random": os.urandom(4096), "empty": b""}[damage])
+    match = f"{f}: the weights file is damaged or incomplete .*re-save the model or copy the file again"
+    with pytest.raises(ValueError, match=match):
+        MARForCausalLM.from_pretrained(folder)
+    for argv in _every_command(folder, tmp_path)[:2]:
+        assert str(f) in _refused(argv)
+
+
+@pytest.mark.parametrize("content,problem", [
+    ('{"model_type": "neuro_mar", "hidden_size": 3', "is not valid JSON"),
+    ("3", "holds int, not a JSON object"),
+])
+def test_a_broken_config_json_is_named(tmp_path, content, problem):
+    """A truncated config.json gave `error: Expecting ',' delimiter ...`, naming no file."""
+    folder = _mar_folder(tmp_path / "m")
+    (folder / "config.json").write_text(content)
+    for argv in _every_command(folder, tmp_path)[:3]:
+        msg = _refused(argv)
+        assert f"{folder / 'config.json'}: {problem}" in msg and "restore" in msg, msg
+
+
+@pytest.mark.parametrize("value", ["{bad", "3", '["T", 4]'])
+def test_neuron_option_must_be_a_json_object(tmp_path, value):
+    msg = _refused(BASE + ["--out", str(tmp_path / "run"), "--neuron-option", value])
+    assert msg.startswith("error: --neuron-option must be a JSON object"), msg
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("content,match", [
+    ("3", "holds int, not a JSON object"),
+    ("null", "holds NoneType, not a JSON object"),
+    ('["name", "kind"]', "holds list, not a JSON object"),
+    ('"loihi"', "holds str, not a JSON object"),
+])
+def test_a_cost_table_that_is_not_an_object_is_refused(tmp_path, content, match):
+    """Valid JSON that is not an object gave a TypeError from set(data)."""
+    from neuro_mar.hardware_models import load_table
+
+    path = tmp_path / "chip.json"
+    path.write_text(content)
+    with pytest.raises(ValueError, match=f"cost table {path}: {match}.*fields"):
+        load_table(path)
+    assert str(path) in _refused(["energy", "smollm2-135m", "--target", str(path)])
+    folder = _mar_folder(tmp_path / "m")
+    assert str(path) in _refused(["simulate", str(folder), "--text", "w1", "--target", str(path)])
+
+
+@pytest.mark.parametrize("field", ["name", "kind", "source", "e_ac", "e_add"])
+def test_cost_table_required_fields_are_not_null(tmp_path, field):
+    """A required field set to null passed the checks and failed (or priced nothing) later."""
+    from neuro_mar.hardware_models import load_table
+
+    good = {"name": "mychip", "kind": "digital", "source": "datasheet v1", "scope": "synop only",
+            "e_ac": 2.0, "e_mac": 2.0, "e_mul": 2.0, "e_add": 2.0}
+    path = tmp_path / "chip.json"
+    path.write_text(json.dumps({**good, field: None}))
+    with pytest.raises(ValueError, match=f"cost table {path}: {field} is required, got null"):
+        load_table(path)
+
+
+def test_energy_and_trace_read_data_as_refine_does(tmp_path):
+    """--data went through read_text(errors='replace'): a binary file or a .jsonl was tokenized as
+    garbage. Now the refine readers: .jsonl/.parquet by field, --text-field, and a file that is
+    not UTF-8 text refused naming it, before anything is written."""
+    from neuro_mar.cli import _read_data, _token_batches
+
+    from test_refine import _tokenizer
+
+    folder = _mar_folder(tmp_path / "m", neurons={"mlp.in": "atmn"})
+    tok = _tokenizer()
+    rows = [{"body": " ".join(f"w{(i + j) % 90}" for j in range(12)), "id": i} for i in range(4)]
+    jl = tmp_path / "d.jsonl"
+    jl.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    batches = _token_batches(tok, _read_data(jl, "body"), seq_len=16, max_tokens=1000)
+    got = torch.cat([b[0] for b in batches]).tolist()
+    want = []
+    for r in rows:
+        want += tok(r["body"], add_special_tokens=False).input_ids + [tok.eos_token_id]
+    assert got == want  # the texts of the field, not the JSON syntax
+    out = tmp_path / "out"
+    assert main(["trace", str(folder), "--data", str(jl), "--text-field", "body", "--out", str(out / "t.h5")]) == 0
+    assert "no field 'text'" in _refused(["trace", str(folder), "--data", str(jl), "--out", str(tmp_path / "x.h5")])
+    assert main(["eval", str(folder), "--data", str(jl), "--text-field", "body", "--seq-len", "8"]) == 0
+    bad = tmp_path / "bin.txt"
+    bad.write_bytes(b"w1 w2\n\x89PNG\r\n\x1a\n\xff\xfe" * 20)
+    for argv in (["energy", str(folder), "--data", str(bad), "--out", str(tmp_path / "e")],
+                 ["trace", str(folder), "--data", str(bad), "--out", str(tmp_path / "t.h5")]):
+        assert f"{bad}:2: not UTF-8 text" in _refused(argv)
+    assert not (tmp_path / "e").exists() and not (tmp_path / "t.h5").exists() and not (tmp_path / "x.h5").exists()
+
+
+@pytest.mark.parametrize("tensor", ["model.norm.weight", "model.embed_tokens.weight", "lm_head.weight",
+                                    "model.layers.1.input_layernorm.weight"])
+def test_a_model_with_non_finite_weights_is_refused_at_load(tmp_path, tensor):
+    """NaN weights gave silent NaN results (eval, generate, trace, simulate --quantize) unless
+    NEURO_MAR_CHECK_FINITE=1; every load now scans parameters and buffers."""
+    from neuro_mar.models import MARForCausalLM
+
+    folder = _mar_folder(tmp_path / "m", poison=tensor, value=float("inf") if "embed" in tensor else float("nan"),
+                         tie_word_embeddings=False)
+    match = f"{folder}: the weights hold NaN or infinite values in 1 tensor\\(s\\) \\({tensor}\\): the model is damaged"
+    with pytest.raises(ValueError, match=match):
+        MARForCausalLM.from_pretrained(folder)
+    assert MARForCausalLM.from_pretrained(folder, check_finite=False) is not None  # for inspection
+    for argv in _every_command(folder, tmp_path):
+        assert f"({tensor}): the model is damaged" in _refused(argv), argv
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_teacher_with_non_finite_weights_is_refused_at_load(tmp_path):
+    from tiny import tiny_llama
+
+    from test_refine import _tokenizer
+
+    t = tiny_llama()
+    with torch.no_grad():
+        t.model.layers[0].input_layernorm.weight[2] = float("nan")
+    t.save_pretrained(tmp_path / "teacher")
+    _tokenizer().save_pretrained(tmp_path / "teacher")
+    msg = _refused(["energy", str(tmp_path / "teacher"), "--target", "45nm-fp32", "--max-tokens", "32"])
+    assert f"{tmp_path / 'teacher'}: the weights hold NaN" in msg and "model.layers.0.input_layernorm.weight" in msg
+
+
+@pytest.mark.parametrize("damage", ["shape", "truncated"])
+def test_a_teacher_folder_that_does_not_match_or_is_damaged_is_refused(tmp_path, damage):
+    """The same checks on a teacher folder (energy, trace, simulate convert it; eval --teacher)."""
+    from tiny import tiny_llama
+
+    from test_refine import _tokenizer
+
+    d = tmp_path / "teacher"
+    tiny_llama().save_pretrained(d)
+    _tokenizer().save_pretrained(d)
+    if damage == "shape":
+        cfg = json.loads((d / "config.json").read_text())
+        cfg["intermediate_size"] = 40
+        (d / "config.json").write_text(json.dumps(cfg))
+        want = (f"{d}: config.json does not match the weights: 6 tensor(s) of another shape "
+                "(model.layers.0.mlp.down_proj.weight is [32, 48] in model.safetensors but [32, 40] by config.json")
+    else:
+        f = d / "model.safetensors"
+        f.write_bytes(f.read_bytes()[:-100])
+        want = f"{f}: the weights file is damaged or incomplete"
+    assert want in _refused(["energy", str(d), "--target", "45nm-fp32", "--max-tokens", "32"])

@@ -181,12 +181,25 @@ class MARPreTrainedModel(PreTrainedModel):
         return False  # the recurrent MARCache is created by the model itself
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, check_finite: bool = True, **kwargs):
         """``PreTrainedModel.from_pretrained``, strict: a checkpoint whose weights do not match its
         ``config.json`` (missing, unexpected or differently shaped tensors, e.g. an edited
-        ``num_hidden_layers``) raises ``ValueError`` naming them instead of loading a model with
-        random or dropped layers."""
+        ``num_hidden_layers``, ``hidden_size`` or ``d_state``), a damaged or truncated
+        ``model.safetensors``, or weights holding NaN or infinite values (``check_finite=False``
+        loads those anyway, for inspection) raise ``ValueError`` naming them instead of loading a
+        model with random, dropped or poisoned layers. Shapes and files are checked from the
+        safetensors headers before any weight is read."""
+        from .checks import check_finite_weights, check_weights_files
+
         want_info = kwargs.pop("output_loading_info", False)
+        folder = Path(pretrained_model_name_or_path)
+        if kwargs.get("subfolder"):
+            folder = folder / kwargs["subfolder"]
+        if folder.is_dir():
+            config = kwargs.get("config")
+            if not isinstance(config, MARConfig):
+                config = cls.config_class.from_pretrained(config if isinstance(config, (str, Path)) else folder)
+            check_weights_files(folder, lambda: cls(config))
         model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True,
                                               **kwargs)
         problems = []
@@ -199,6 +212,8 @@ class MARPreTrainedModel(PreTrainedModel):
             raise ValueError(f"{pretrained_model_name_or_path}: the weights do not match config.json: "
                              f"{'; '.join(problems)}; the folder was edited or damaged: re-save it from the run "
                              "that made it")
+        if check_finite:
+            check_finite_weights(model, pretrained_model_name_or_path)
         return (model, info) if want_info else model
 
 

@@ -85,14 +85,13 @@ def read_texts(path: str | Path, text_field: str = "text") -> list[str]:
         texts = _strings(ds[text_field], f"{p}: column {text_field!r}")
     elif p.suffix == ".jsonl":
         texts = []
-        with open(p) as fh:
-            for i, obj in jsonl_objects(_text_lines(p), p, DataError):
-                if text_field not in obj:
-                    raise DataError(f"{p}:{i}: no field {text_field!r} (fields: {sorted(obj)}); pass --text-field")
-                v = obj[text_field]
-                if not isinstance(v, str):
-                    raise DataError(f"{p}:{i}: field {text_field!r} holds {type(v).__name__} ({v!r:.40}), not text")
-                texts.append(v)
+        for i, obj in jsonl_objects(_text_lines(p), p, DataError):
+            if text_field not in obj:
+                raise DataError(f"{p}:{i}: no field {text_field!r} (fields: {sorted(obj)}); pass --text-field")
+            v = obj[text_field]
+            if not isinstance(v, str):
+                raise DataError(f"{p}:{i}: field {text_field!r} holds {type(v).__name__} ({v!r:.40}), not text")
+            texts.append(v)
     elif p.suffix == ".parquet":
         try:
             import pyarrow.parquet as pq
@@ -113,10 +112,11 @@ def read_texts(path: str | Path, text_field: str = "text") -> list[str]:
 
 
 def _text_lines(p: Path):
-    """The lines of a UTF-8 text file; a file that is not UTF-8 text (binary, another encoding)
-    raises :class:`DataError` naming it, rather than training on replacement characters."""
+    """The lines of a UTF-8 text file (a leading byte-order mark dropped); a file that is not UTF-8
+    text (binary, another encoding) raises :class:`DataError` naming it, rather than training on
+    replacement characters."""
     try:
-        text = p.read_text(encoding="utf-8")
+        text = p.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as err:
         line = p.read_bytes()[: err.start].count(b"\n") + 1
         raise DataError(f"{p}:{line}: not UTF-8 text (byte {err.start}); give a UTF-8 .txt, .jsonl or .parquet "

@@ -412,8 +412,26 @@ def init_student(cfg: RefineConfig, teacher, rows: torch.Tensor):
                         normalize_memory=cfg.normalize_memory, ssm_input_gain=cfg.ssm_input_gain)
 
 
-#: options that may change on ``--resume``: they only decide what is evaluated after training
-RESUME_FREE_PREFIXES = ("eval_", "keep_checkpoints")
+#: options that may change on ``--resume``: they only decide what is evaluated after training, or
+#: (the teacher and the data, which may be given by another path) are checked by content instead,
+#: through the run's ``run_identity.json``
+RESUME_FREE_PREFIXES = ("eval_", "keep_checkpoints", "data", "teacher")
+
+
+def read_run_record(path: Path) -> dict:
+    """A run folder's JSON record (``refine_config.json``, ``run_identity.json``) for ``--resume``;
+    :class:`RefineError` naming the file when it is missing, damaged or not a JSON object."""
+    what = "restore it from a copy of the run folder or use a new --out"
+    if not path.is_file():
+        raise RefineError(f"--resume: {path} is missing, so the run cannot be checked against what it was started "
+                          f"with; {what}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise RefineError(f"--resume: {path} is damaged (not JSON: {err}); {what}") from None
+    if not isinstance(data, dict):
+        raise RefineError(f"--resume: {path} holds {type(data).__name__}, not a JSON object; {what}")
+    return data
 
 
 def config_changes(saved: dict, cfg: RefineConfig) -> list[str]:
@@ -552,8 +570,11 @@ def _run_locked(cfg: RefineConfig, out: Path, resume: bool, progress: bool, dist
     from .report import build_report
 
     recorded_cfg = out / "refine_config.json"
+    recorded_id = out / "run_identity.json"
+    saved_id = None
     if resume and recorded_cfg.is_file():  # a resumed run continues the same configuration, or nothing
-        changed = config_changes(json.loads(recorded_cfg.read_text()), cfg)
+        saved_id = read_run_record(recorded_id)  # written with refine_config.json; checked once prepared
+        changed = config_changes(read_run_record(recorded_cfg), cfg)
         if changed:
             raise RefineError(f"--resume: {out} was started with other options ({'; '.join(changed)}); resume "
                               "with the options it was started with (its refine_config.json) or use a new --out")
@@ -564,10 +585,8 @@ def _run_locked(cfg: RefineConfig, out: Path, resume: bool, progress: bool, dist
     t_start = time.time()
     teacher, tok, train, held = prepare(cfg, progress=progress and rank == 0)
     identity = run_identity(teacher, tok, train)
-    recorded_id = out / "run_identity.json"
-    if resume and recorded_id.is_file():
-        saved = json.loads(recorded_id.read_text())
-        changed = [k for k in identity if saved.get(k) != identity[k]]
+    if saved_id is not None:
+        changed = [k for k in identity if saved_id.get(k) != identity[k]]
         if changed:
             raise RefineError(f"--resume: the {', '.join(k.replace('_', ' ') for k in changed)} differ from those "
                               f"{out} was started with (run_identity.json); resume with the same teacher and data "

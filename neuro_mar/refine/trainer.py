@@ -14,6 +14,7 @@ import gc
 import json
 import math
 import os
+import pickle
 import random
 import time
 from dataclasses import asdict, dataclass
@@ -213,7 +214,11 @@ class Trainer:
             return False
         try:  # tensors and plain containers only: a checkpoint never runs code when it is loaded
             state = torch.load(p, map_location="cpu", weights_only=True)
-        except Exception as err:  # noqa: BLE001 - torch raises UnpicklingError, RuntimeError, EOFError...
+        except pickle.UnpicklingError:  # torch's own text would advise weights_only=False: never do that
+            raise ValueError(f"checkpoint {p} cannot be read as plain weights: it holds more than tensors and plain "
+                             "containers, so it is not a checkpoint this trainer wrote, or it was tampered with; it "
+                             "is not loaded: delete it to restart the stage, or use a new --out") from None
+        except Exception as err:  # noqa: BLE001 - torch raises RuntimeError, EOFError... on a damaged file
             raise ValueError(f"checkpoint {p} cannot be read as plain weights ({type(err).__name__}: "
                              f"{str(err).splitlines()[0] if str(err) else ''}); it is damaged or not one this "
                              f"trainer wrote: delete it to restart the stage, or use a new --out") from None
@@ -275,7 +280,8 @@ class Trainer:
         kept = (f"the last good checkpoint {p} is kept" if p is not None and p.is_file()
                 else "no checkpoint of this stage had been written")
         raise TrainingDiverged(f"stage {self.name} diverged at step {self.step + 1}: loss {loss}, gradient norm "
-                               f"{grad_norm} ({kept}); lower the learning rate or check the loss options "
+                               f"{grad_norm} ({kept}); start a new run (a new --out: a --resume keeps the options "
+                               f"it was started with) with a lower learning rate, or check the loss options "
                                f"(temperature, weights) and the data")
 
     def _metrics(self, rec: dict) -> None:
