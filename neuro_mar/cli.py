@@ -57,33 +57,10 @@ def _token_batches(tokenizer, texts: list[str] | None, seq_len: int, max_tokens:
 
 
 def _load_teacher(spec: str):
-    """``teachers.load_teacher`` with the checks a MAR folder gets in ``from_pretrained``: a local
-    folder's config.json must parse, its safetensors files must be whole and their shapes those
-    of its config, and the loaded weights must be finite."""
-    from pathlib import Path
-
-    from safetensors import SafetensorError
-
-    from .models.checks import check_finite_weights, check_weights_files
+    """``teachers.load_teacher``: a local folder gets the checks a MAR folder gets (``models.checks``)."""
     from .teachers import load_teacher
 
-    folder = Path(spec).expanduser()
-    if _read_config(folder) is not None:
-        from transformers import AutoConfig, AutoModelForCausalLM
-
-        try:
-            config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
-        except Exception:  # noqa: BLE001 - an unknown model type: load_teacher says why
-            config = None
-        if config is not None:
-            check_weights_files(folder, lambda: AutoModelForCausalLM.from_config(config))
-    try:
-        teacher, tok = load_teacher(spec)
-    except SafetensorError as err:
-        raise ValueError(f"{spec}: a weights file is damaged or incomplete (SafetensorError: {err}); re-save the "
-                         "model or copy it again") from None
-    check_finite_weights(teacher, spec)
-    return teacher, tok
+    return load_teacher(spec)
 
 
 def load_student(spec: str, neuron: str | None):
@@ -91,9 +68,8 @@ def load_student(spec: str, neuron: str | None):
     ``neuron`` set at all four sites (thresholds still to calibrate). Returns (model, tokenizer)."""
     from pathlib import Path
 
-    from transformers import AutoTokenizer
-
     from .models import MARForCausalLM
+    from .models.checks import load_tokenizer
 
     p = Path(spec)
     if _is_mar_checkpoint(spec):
@@ -106,7 +82,7 @@ def load_student(spec: str, neuron: str | None):
             if trained:
                 print(f"note: {spec}'s {', '.join(trained)} neurons are replaced by {neuron} and recalibrated on the "
                       f"data, not distilled: its numbers are those of an untrained swap", file=sys.stderr)
-        tok = AutoTokenizer.from_pretrained(p) if (p / "tokenizer_config.json").is_file() else None
+        tok = load_tokenizer(p) if (p / "tokenizer_config.json").is_file() else None
         return model, tok
     from .convert import llama_to_mar
 
@@ -125,6 +101,11 @@ def _model_and_tokenizer(spec: str, neuron: str | None, tokenizer_spec: str, mar
         from .teachers import load_teacher
 
         _, tok = load_teacher(tokenizer_spec)
+        rows = model.get_input_embeddings().weight.shape[0]
+        if len(tok) > rows:  # its ids would index past the embedding
+            raise ValueError(f"{spec} has no tokenizer of its own, and the fallback --tokenizer {tokenizer_spec}'s "
+                             f"{len(tok)} tokens do not fit its {rows}-row embedding: pass --tokenizer with the "
+                             "tokenizer the model was trained with")
     return model, tok
 
 
@@ -159,23 +140,9 @@ def _cmd_energy(args) -> int:
 
 
 def _read_config(folder) -> dict | None:
-    """``folder/config.json`` as a dict, None when there is none; a file that is not a JSON
-    object raises ``ValueError`` naming it."""
-    import json
-    from pathlib import Path
+    from .models.checks import read_config
 
-    p = Path(folder).expanduser() / "config.json"
-    if not p.is_file():
-        return None
-    fix = ("the model folder's config.json is truncated or edited: restore it (copy the folder again or re-save "
-           "the model)")
-    try:
-        data = json.loads(p.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as err:
-        raise ValueError(f"{p}: is not valid JSON ({err}); {fix}") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{p}: holds {type(data).__name__}, not a JSON object; {fix}")
-    return data
+    return read_config(folder)
 
 
 def _is_mar_checkpoint(spec: str) -> bool:
@@ -198,13 +165,20 @@ def _cmd_trace(args) -> int:
     out = Path(args.out)
     sonata = out if args.format == "sonata" else out.with_suffix(".sonata.h5")
     try:
-        record_trace(model, batches, sonata, sites=args.sites, model_name=str(args.model), progress=True)
-    except ValueError as err:
-        raise SystemExit(f"error: {err}") from None
-    if args.format == "nwb":
-        export_nwb(sonata, out)
-    elif args.format == "nir":
-        export_nir(sonata, out)
+        try:
+            record_trace(model, batches, sonata, sites=args.sites, model_name=str(args.model), progress=True)
+        except ValueError as err:
+            raise SystemExit(f"error: {err}") from None
+        if args.format == "nwb":
+            export_nwb(sonata, out)
+        elif args.format == "nir":
+            export_nir(sonata, out)
+    except BaseException:  # a failed write (or its rename) leaves no .NAME.PID.RANDOM.part behind
+        from .io_utils import remove_own_temps
+
+        for p in {sonata, out}:
+            remove_own_temps(p)
+        raise
     print(f"wrote {out}" + (f" (and {sonata})" if sonata != out else ""))
     return 0
 
@@ -438,13 +412,142 @@ def _cmd_simulate(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------------
+# option checks: every command's numbers, --device and --out, checked in main() before a command
+# loads a model or writes anything; each bad value is one `error:` line naming the option
+# ---------------------------------------------------------------------------------------------
+_INT_GE1 = (lambda v: v >= 1, "an integer >= 1")
+_SEED = (lambda v: 0 <= v < 2**32, "an integer from 0 to 2**32 - 1")
+
+# per command: (options, ok, what they must be), as refine's _RANGES (refine's own options are
+# checked there, by validate_config); an option left unset (None) is not checked
+_OPTION_RANGES = {
+    "energy": [(("context", "seq_len", "max_tokens"), *_INT_GE1)],
+    "trace": [(("seq_len", "max_tokens"), *_INT_GE1)],
+    "plot-trace": [(("max_tokens", "max_channels"), *_INT_GE1)],
+    "eval": [(("limit", "context_tokens", "batch_tokens", "max_tokens"), *_INT_GE1),
+             (("max_length", "seq_len"), lambda v: v >= 2, "an integer >= 2")],
+    "generate": [(("max_new_tokens",), *_INT_GE1), (("temperature",), lambda v: v >= 0, "a number >= 0"),
+                 (("seed",), *_SEED)],
+    "simulate": [(("chips",), *_INT_GE1)],
+    "refine": [(("seed",), *_SEED)],
+}
+
+# per command: (option, what is written there): "folder" (files written into it) or "file"
+_OUT_KINDS = {"energy": "folder", "eval": "folder", "simulate": "folder", "plot-trace": "folder",
+              "refine": "folder", "trace": "file"}
+
+
+def _option(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
+
+
+def _check_ranges(args) -> None:
+    """The numeric options of ``args.command`` against :data:`_OPTION_RANGES`."""
+    import math
+
+    for keys, ok, what in _OPTION_RANGES.get(args.command, []):
+        integer = what.startswith("an integer")
+        for key in keys:
+            value = getattr(args, key, None)
+            for v in value if isinstance(value, list) else [value]:
+                if v is None:
+                    continue
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or (integer and not isinstance(v, int)) \
+                        or not math.isfinite(v) or not ok(v):
+                    raise SystemExit(f"error: {_option(key)} must be {what}, got {v!r}")
+    if args.command == "eval" and args.max_tokens < args.seq_len:
+        raise SystemExit(f"error: --max-tokens must be an integer >= --seq-len ({args.seq_len}), got "
+                         f"{args.max_tokens!r}")
+
+
+def _check_device(spec: str) -> None:
+    """``--device``: a torch device that exists on this machine."""
+    import torch
+
+    choices = "(cpu, cuda, cuda:N)"
+    try:
+        dev = torch.device(spec)
+    except (RuntimeError, ValueError, TypeError):
+        raise SystemExit(f"error: --device: {spec!r} is not a torch device {choices}") from None
+    if dev.type == "cpu":
+        return
+    if dev.type != "cuda":
+        raise SystemExit(f"error: --device: {spec!r} is not a device the models can run on {choices}")
+    if not torch.cuda.is_available():
+        raise SystemExit(f"error: --device {spec}: CUDA is not available on this machine (torch "
+                         f"{torch.__version__}, {'no GPU visible' if torch.version.cuda else 'a build without CUDA'});"
+                         " use --device cpu")
+    n = torch.cuda.device_count()
+    if dev.index is not None and dev.index >= n:
+        raise SystemExit(f"error: --device {spec}: this machine has {n} CUDA device(s) (cuda:0 to cuda:{n - 1})")
+
+
+def _check_out(path: str, kind: str, option: str = "--out") -> None:
+    """``option`` PATH names something ``kind`` ("folder" or "file") can be written at: an existing
+    folder (or file) of that kind, or a new path whose nearest existing parent is a folder that
+    takes new files. Nothing is created (the probe is an unnamed temporary file)."""
+    import tempfile
+    from pathlib import Path
+
+    p = Path(path).expanduser()
+    fix = "choose another path"
+    if kind == "folder" and p.exists() and not p.is_dir():
+        raise SystemExit(f"error: {option} {path} exists and is not a folder (files are written into it); {fix}")
+    if kind == "file" and p.is_dir():
+        raise SystemExit(f"error: {option} {path} is a folder, but a file is written there; {fix}, e.g. "
+                         f"{p / 'trace.h5'}")
+    parent = p if kind == "folder" and p.is_dir() else p.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise SystemExit(f"error: {option} {path}: {parent} is a file, not a folder, so {path} cannot be "
+                         f"created; {fix}")
+    try:
+        tempfile.TemporaryFile(dir=parent).close()
+    except OSError as err:
+        raise SystemExit(f"error: {option} {path}: {parent} takes no new files ({err.strerror or err}), so "
+                         f"{'it cannot be written' if parent == p else 'it cannot be created there'}; {fix}") from None
+
+
+def _check_options(args) -> None:
+    """Every option of the command that can be checked without loading anything."""
+    _check_ranges(args)
+    if getattr(args, "device", None):
+        _check_device(args.device)
+    kind = _OUT_KINDS.get(args.command)
+    if kind and getattr(args, "out", None) is not None:
+        _check_out(args.out, kind)
+        if args.command == "trace" and args.format != "sonata":
+            from pathlib import Path
+
+            _check_out(str(Path(args.out).with_suffix(".sonata.h5")), "file")
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser (and its subparsers) whose usage errors are one ``error:`` line, exit
+    status 2, without the usage block."""
+
+    def error(self, message):  # noqa: D401 - argparse's hook
+        import re
+
+        m = re.fullmatch(r"argument (\S+): invalid (int|float) value: (.*)", message)
+        if m:
+            name = m.group(1).split("/")[-1]
+            message = f"{name} must be {'an integer' if m.group(2) == 'int' else 'a number'}, got {m.group(3)}"
+        elif message.endswith("expected one argument"):
+            name = message.split(":")[0].removeprefix("argument ").split("/")[-1]
+            message += f"; a value that starts with '-' is written {name}=VALUE"
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="neuro-mar",
         description="MAR: refine a dense Transformer LLM into a spiking state-space language model "
                     "(ATMN neurons, SBDS distillation), and measure what it costs.",
     )
-    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     n = sub.add_parser("neurons", help="list the registered neuron types (names for --neuron and swap_neurons)",
                        description="Print the neuron registry: name, spike levels, default micro-steps T, description.")
     n.set_defaults(func=_cmd_neurons)
@@ -677,6 +780,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from .refine import TrainingDiverged
 
+    _check_options(args)  # numbers, --device, --out: before any model loads or anything is written
     try:
         return args.func(args)
     except (TrainingDiverged, ValueError, OSError) as err:

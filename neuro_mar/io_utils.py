@@ -49,6 +49,25 @@ def remove_stale_temps(path: str | Path) -> list[Path]:
     return removed
 
 
+def remove_own_temps(path: str | Path) -> list[Path]:
+    """Remove this process's temporaries (files or folders) of ``path``: the clean-up of a write
+    that failed before or at its rename, whoever made the temporary (:func:`make_temp`)."""
+    path = Path(path)
+    removed = []
+    if not path.parent.is_dir():
+        return removed
+    prefix = temp_prefix(path)
+    for p in path.parent.iterdir():
+        if not p.name.startswith(prefix):
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+        removed.append(p)
+    return removed
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -65,25 +84,34 @@ def make_temp(path: str | Path, suffix: str = "", folder: bool = False) -> Path:
     remove_stale_temps(path)
     if folder:
         tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=temp_prefix(path), suffix=suffix))
-        os.chmod(tmp, 0o777 & ~_umask())
+        try:
+            os.chmod(tmp, 0o777 & ~_umask())
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         return tmp
     fd, name = tempfile.mkstemp(dir=path.parent, prefix=temp_prefix(path), suffix=suffix)
-    os.close(fd)
-    os.chmod(name, 0o666 & ~_umask())
+    try:
+        os.close(fd)
+        os.chmod(name, 0o666 & ~_umask())
+    except BaseException:
+        Path(name).unlink(missing_ok=True)
+        raise
     return Path(name)
 
 
 @contextlib.contextmanager
 def atomic_target(path: str | Path, suffix: str = ".tmp"):
     """Yields a temporary path beside ``path`` (ending in ``suffix``, for writers that go by it) to
-    write; renamed onto ``path`` when the block finishes, removed when it raises."""
+    write; renamed onto ``path`` when the block finishes, removed when the block or the rename
+    raises (e.g. ``path`` is a folder)."""
     path = Path(path)
     tmp = str(make_temp(path, suffix))
     try:
         yield tmp
         os.replace(tmp, path)
     finally:
-        Path(tmp).unlink(missing_ok=True)
+        Path(tmp).unlink(missing_ok=True)  # gone after a rename; the temporary after any failure
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

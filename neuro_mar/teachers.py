@@ -128,11 +128,43 @@ def eager_attention(model):
             model.set_attn_implementation(impl)
 
 
+def _load_folder(folder: Path, dtype: torch.dtype):
+    """``(model, tokenizer)`` of a local Hugging Face folder, checked as a MAR folder is
+    (``models.checks``): no code of the folder's own runs; config.json, the weights files and the
+    tokenizer files must be whole; the weights' shapes and names must be those of the config, and
+    their values finite. Each failure is one ``ValueError`` naming the file and the fix."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .models.checks import (check_finite_weights, check_weights_files, load_tokenizer, load_weights,
+                                loading_problems, read_config, refuse_custom_code)
+
+    read_config(folder)
+    refuse_custom_code(folder)
+    try:
+        config = AutoConfig.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
+    except Exception as err:  # noqa: BLE001 - an unknown model_type, a field transformers refuses
+        first = (str(err).strip().splitlines() or [""])[0]
+        raise ValueError(f"{folder / 'config.json'}: transformers cannot build a model from it ({type(err).__name__}: "
+                         f"{first}); give the folder of a Llama-style causal LM saved by transformers") from None
+    try:
+        check_weights_files(folder, lambda: AutoModelForCausalLM.from_config(config, trust_remote_code=False))
+    except (KeyError, TypeError) as err:  # no causal-LM class for this config
+        raise ValueError(f"{folder / 'config.json'}: not a causal language model transformers knows ({err}); give the "
+                         "folder of a Llama-style causal LM") from None
+    model, info = load_weights(lambda: AutoModelForCausalLM.from_pretrained(
+        str(folder), config=config, dtype=dtype, local_files_only=True, trust_remote_code=False,
+        output_loading_info=True), folder)
+    problems = loading_problems(info)
+    if problems:
+        raise ValueError(f"{folder}: the weights do not match config.json: {'; '.join(problems)}; the folder was "
+                         "edited or damaged: copy it again or re-save the model")
+    check_finite_weights(model, folder)
+    return model, align_special_tokens(load_tokenizer(folder), model)
+
+
 def load_teacher(spec: str = DEFAULT_TEACHER, dtype: torch.dtype = torch.float32, device=None):
     """Return ``(model, tokenizer)`` for ``spec``: ``"smollm2-135m"`` (default), a local Hugging
     Face model folder, or a ``.gguf`` file. The model is in eval mode."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     spec = str(spec)
     if spec in _WHEEL_TEACHERS:
         folder = gguf_to_safetensors(default_teacher_gguf(spec))
@@ -144,8 +176,7 @@ def load_teacher(spec: str = DEFAULT_TEACHER, dtype: torch.dtype = torch.float32
             raise FileNotFoundError(
                 f"teacher {spec!r} is neither a known name ({', '.join(_WHEEL_TEACHERS)}), a .gguf file, "
                 "nor a local Hugging Face model folder with a config.json (nothing is downloaded)")
-    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, local_files_only=True)
-    tok = align_special_tokens(AutoTokenizer.from_pretrained(str(folder), local_files_only=True), model)
+    model, tok = _load_folder(folder, dtype)
     if device is not None:
         model = model.to(device)
     return model.eval(), tok

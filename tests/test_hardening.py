@@ -13,7 +13,7 @@ from neuro_mar.cli import main
 from neuro_mar.convert import llama_to_mar
 from neuro_mar.io_utils import finite_or_none
 from neuro_mar.refine import TrainConfig, Trainer, TrainingDiverged
-from test_refine import data_file, teacher_dir  # noqa: F401 - fixtures
+from test_refine import _tiny_trainer, data_file, teacher_dir  # noqa: F401 - fixtures
 
 BASE = ["refine", "--preset", "tiny"]
 
@@ -689,3 +689,155 @@ def test_a_teacher_folder_that_does_not_match_or_is_damaged_is_refused(tmp_path,
         f.write_bytes(f.read_bytes()[:-100])
         want = f"{f}: the weights file is damaged or incomplete"
     assert want in _refused(["energy", str(d), "--target", "45nm-fp32", "--max-tokens", "32"])
+
+
+def _teacher_folder(path):
+    """A tiny Llama teacher folder with its tokenizer."""
+    from tiny import tiny_llama
+
+    from test_refine import _tokenizer
+
+    tiny_llama().save_pretrained(path)
+    _tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("kind,file", [("mar", "tokenizer_config.json"), ("teacher", "tokenizer_config.json"),
+                                       ("teacher", "config.json")])
+def test_a_folder_that_names_custom_code_is_refused_and_the_code_never_runs(tmp_path, monkeypatch, kind, file):
+    """transformers would ask on stdin whether to run a folder's own tokenizer or model class (and
+    a `y` there ran it): neuro-mar never runs a folder's code, whatever stdin holds."""
+    import io
+
+    d = _mar_folder(tmp_path / "m") if kind == "mar" else _teacher_folder(tmp_path / "t")
+    marker = tmp_path / "pwned"
+    (d / "evil.py").write_text(f"import os\nos.system('touch {marker}')\n"
+                               "from transformers import PreTrainedTokenizerFast as Evil\n")
+    cfg = json.loads((d / file).read_text())
+    cfg["auto_map"] = {"AutoTokenizer": [None, "evil.Evil"]} if file != "config.json" else \
+        {"AutoModelForCausalLM": "evil.Evil", "AutoConfig": "evil.Evil"}
+    (d / file).write_text(json.dumps(cfg))
+    monkeypatch.setattr("sys.stdin", io.StringIO("y\ny\ny\n"))
+    msg = _refused(["generate", str(d), "--prompt", "w1", "--max-new-tokens", "2"])
+    assert f"{d / file} names custom code" in msg and "never runs" in msg
+    if kind == "teacher":
+        assert f"{d / file} names custom code" in _refused(BASE + ["--out", str(tmp_path / "run"), "--teacher", str(d)])
+        assert not (tmp_path / "run").exists()
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("kind", ["mar", "teacher"])
+def test_a_pickled_weights_file_is_refused_without_running(tmp_path, kind):
+    """A folder whose weights are a `pytorch_model.bin` pickle that runs a command when unpickled:
+    transformers loads it with weights_only, which refuses it; the refusal is one line."""
+    d = _mar_folder(tmp_path / "m") if kind == "mar" else _teacher_folder(tmp_path / "t")
+    (d / "model.safetensors").unlink()
+    p = _Payload()
+    p.marker = tmp_path / "pwned"
+    (d / "pytorch_model.bin").write_bytes(pickle.dumps({"model.embed_tokens.weight": p}))
+    msg = _refused(["energy", str(d), "--target", "45nm-fp32", "--max-tokens", "16"])
+    assert f"{d}: its weights file cannot be read as plain weights" in msg and "not loaded" in msg
+    assert not p.marker.exists()
+
+
+@pytest.mark.parametrize("damage,want", [
+    ("layers3", "the weights do not match config.json: 9 missing (model.layers.2"),
+    ("layers1", "the weights do not match config.json: 9 unexpected (model.layers.1"),
+    ("hidden", "config.json does not match the weights"),
+    ("truncated", "model.safetensors: the weights file is damaged or incomplete"),
+    ("list", "config.json: holds list, not a JSON object"),
+    ("model_type", "config.json: transformers cannot build a model from it"),
+    ("no_tokenizer", ": the tokenizer cannot be loaded"),
+    ("tokenizer_json", ": the tokenizer cannot be loaded"),
+    ("tokenizer_config", "tokenizer_config.json: is not valid JSON"),
+])
+def test_a_teacher_folder_is_checked_as_strictly_as_a_mar_folder(tmp_path, damage, want):
+    """`refine --teacher` and the commands that convert a teacher load it through the same checks:
+    a random or dropped layer is never trained on, a damaged file never a traceback."""
+    from neuro_mar.teachers import load_teacher
+
+    d = _teacher_folder(tmp_path / "t")
+    cfg = json.loads((d / "config.json").read_text())
+    if damage in ("layers3", "layers1", "hidden", "model_type"):
+        cfg.update({"layers3": {"num_hidden_layers": 3}, "layers1": {"num_hidden_layers": 1},
+                    "hidden": {"hidden_size": 64}, "model_type": {"model_type": "no-such-model"}}[damage])
+        (d / "config.json").write_text(json.dumps(cfg))
+    elif damage == "truncated":
+        f = d / "model.safetensors"
+        f.write_bytes(f.read_bytes()[: len(f.read_bytes()) // 2])
+    elif damage == "list":
+        (d / "config.json").write_text("[1, 2]")
+    elif damage == "no_tokenizer":
+        for f in d.iterdir():
+            if f.name.startswith(("tokenizer", "special_tokens")):
+                f.unlink()
+    elif damage == "tokenizer_json":
+        (d / "tokenizer.json").write_text('{"version": ')
+    else:
+        (d / "tokenizer_config.json").write_text('{"model_max_length": ')
+    with pytest.raises(ValueError, match=None) as info:
+        load_teacher(str(d))
+    assert want in str(info.value) and str(d) in str(info.value), str(info.value)
+    assert want in _refused(BASE + ["--out", str(tmp_path / "run"), "--teacher", str(d)])
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("field,value,want", [
+    ("neurons", {"mixer.in": "nosuch"}, "nosuch"),
+    ("chunk_size", 0, "chunk_size must be an integer >= 1, got 0"),
+    ("neuron_options", {"mixer.in": {"T": -3}}, "T"),
+])
+def test_a_mar_config_field_out_of_range_names_the_config(tmp_path, field, value, want):
+    d = _mar_folder(tmp_path / "m")
+    cfg = json.loads((d / "config.json").read_text())
+    if field == "neuron_options":
+        cfg["neurons"] = {**(cfg.get("neurons") or {}), "mixer.in": "atmn"}
+    cfg[field] = value
+    (d / "config.json").write_text(json.dumps(cfg))
+    msg = _refused(["generate", str(d), "--prompt", "w1", "--max-new-tokens", "2"])
+    assert f"{d / 'config.json'}: " in msg and want in msg and "restore the config.json" in msg, msg
+
+
+def test_a_model_without_a_tokenizer_refuses_a_fallback_that_does_not_fit(tmp_path):
+    d = _mar_folder(tmp_path / "m")
+    for f in d.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens")):
+            f.unlink()
+    msg = _refused(["generate", str(d), "--prompt", "w1", "--max-new-tokens", "2"])
+    assert "has no tokenizer of its own" in msg and "pass --tokenizer" in msg
+
+
+def test_a_resume_into_a_folder_without_a_run_record_is_refused(tmp_path, teacher_dir, data_file):
+    """A deleted refine_config.json (or a folder that never held a run) gives a resume nothing to
+    check against: refused, instead of continuing (or overwriting) with whatever options are given."""
+    foreign = tmp_path / "notes"
+    foreign.mkdir()
+    (foreign / "mine.txt").write_text("keep me")
+    with pytest.raises(SystemExit, match=r"--resume: .*notes holds files \(mine.txt\) but no refine_config.json"):
+        _refine(tmp_path, teacher_dir, data_file, "--resume", out="notes")
+    assert sorted(p.name for p in foreign.iterdir()) == ["mine.txt"]
+    assert _refine(tmp_path, teacher_dir, data_file, "--steps-2", "0") == 0
+    (tmp_path / "run" / "refine_config.json").unlink()
+    with pytest.raises(SystemExit, match="but no refine_config.json"):
+        _refine(tmp_path, teacher_dir, data_file, "--resume", "--steps-2", "0")
+
+
+@pytest.mark.parametrize("state,want", [
+    ({"foo": torch.zeros(2)}, "no cfg, history, module"),
+    ([1, 2], "it holds list"),
+    ("nan", "not finite or not tensors"),
+])
+def test_a_checkpoint_that_is_not_the_trainers_is_refused(tmp_path, state, want):
+    trainer, _ = _tiny_trainer(tmp_path, 4)
+    trainer.run()
+    ckpt = trainer.ckpt_path
+    if state == "nan":
+        saved = torch.load(ckpt, weights_only=True)
+        for t in saved["module"].values():
+            t.fill_(float("nan"))
+        torch.save(saved, ckpt)
+    else:
+        torch.save(state, ckpt)
+    fresh, _ = _tiny_trainer(tmp_path, 4)
+    with pytest.raises(ValueError, match=f"checkpoint .* is not one this trainer wrote or is damaged .*{want}"):
+        fresh.try_resume()

@@ -66,18 +66,19 @@ def expected_shapes(build: Callable[[], torch.nn.Module]) -> tuple[dict[str, tup
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}, getattr(model, "base_model_prefix", "")
 
 
-def check_weights_files(folder: str | Path, build: Callable[[], torch.nn.Module], prefix: str | None = None) -> None:
+def check_weights_files(folder: str | Path, build: Callable[[], torch.nn.Module] | None = None, prefix: str | None = None,
+                        expected: tuple[dict, str] | None = None) -> None:
     """Refuse a local folder whose safetensors files are damaged, or whose tensors have other
     shapes than the model its config makes (``build``). Tensors present on one side only are left
     to the loader (tied weights, renamed keys); ``prefix`` (default: the built model's
     ``base_model_prefix``) lets a base model loaded from a head model's folder, or the reverse,
-    be compared too."""
+    be compared too; ``expected``: :func:`expected_shapes`'s result, when the caller has it."""
     folder = Path(folder)
     files = weights_files(folder)
     if not files:
         return
     found = read_shapes(files)
-    want, own_prefix = expected_shapes(build)
+    want, own_prefix = expected if expected is not None else expected_shapes(build)
     prefix = own_prefix if prefix is None else prefix
     where = files[0].name if len(files) == 1 else f"the {len(files)} shards of {SAFETENSORS_INDEX}"
     bad = []
@@ -130,5 +131,96 @@ def check_finite_weights(model: torch.nn.Module, where) -> None:
                          "it from a good run")
 
 
-__all__ = ["weights_files", "read_shapes", "expected_shapes", "check_weights_files", "is_finite", "non_finite_tensors",
+def read_config(folder) -> dict | None:
+    """``folder/config.json`` as a dict, None when there is none; a file that is not a JSON
+    object raises ``ValueError`` naming it."""
+    p = Path(folder).expanduser() / "config.json"
+    if not p.is_file():
+        return None
+    fix = ("the model folder's config.json is truncated or edited: restore it (copy the folder again or re-save "
+           "the model)")
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ValueError(f"{p}: is not valid JSON ({err}); {fix}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{p}: holds {type(data).__name__}, not a JSON object; {fix}")
+    return data
+
+
+def refuse_custom_code(folder, files=("config.json", "tokenizer_config.json")) -> None:
+    """Refuse a local folder whose ``files`` name code of their own (``auto_map``): neuro-mar
+    loads models and tokenizers with the classes transformers ships, and never runs a folder's
+    Python files (nor asks on stdin whether to)."""
+    for name in files:
+        p = Path(folder).expanduser() / name
+        data = read_config(p.parent) if name == "config.json" else _json_object(p)
+        if data and data.get("auto_map"):
+            if name == "config.json" and data.get("model_type") == "neuro_mar":
+                continue  # a MAR folder's own auto_map names the installed package's classes
+            raise ValueError(f"{p} names custom code (auto_map {data['auto_map']}); neuro-mar never runs a model "
+                             "folder's own Python code: use a folder whose model and tokenizer are classes "
+                             "transformers ships (remove auto_map only if you know the classes it names are those)")
+
+
+def _json_object(p: Path) -> dict | None:
+    if not p.is_file():
+        return None
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ValueError(f"{p}: is not valid JSON ({err}); the tokenizer files are truncated or edited: copy them "
+                         "again from the model they belong to") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{p}: holds {type(data).__name__}, not a JSON object; copy the tokenizer files again "
+                         "from the model they belong to")
+    return data
+
+
+def load_tokenizer(folder):
+    """The tokenizer of a local model folder, with no code of the folder's own run; a missing or
+    damaged tokenizer file raises ``ValueError`` naming the folder."""
+    from transformers import AutoTokenizer
+
+    refuse_custom_code(folder, ("tokenizer_config.json",))
+    try:
+        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
+    except Exception as err:  # noqa: BLE001 - tokenizers and transformers raise many kinds
+        first = (str(err).strip().splitlines() or [""])[0]
+        raise ValueError(f"{folder}: the tokenizer cannot be loaded ({type(err).__name__}: {first}); its tokenizer "
+                         "files (tokenizer.json, tokenizer_config.json, ...) are missing or damaged: copy them again "
+                         "from the model they belong to") from None
+
+
+def loading_problems(info: dict) -> list[str]:
+    """``["N missing (names)", ...]`` from ``from_pretrained(..., output_loading_info=True)``."""
+    problems = []
+    for key, what in (("missing_keys", "missing"), ("unexpected_keys", "unexpected"),
+                      ("mismatched_keys", "of another shape")):
+        names = sorted(str(k[0] if isinstance(k, tuple) else k) for k in info.get(key) or [])
+        if names:
+            problems.append(f"{len(names)} {what} ({', '.join(names[:4])}{', ...' if len(names) > 4 else ''})")
+    return problems
+
+
+def load_weights(load: Callable, folder):
+    """``load()`` (a ``from_pretrained`` call) with its weights-file failures as one ``ValueError``
+    naming ``folder``: a pickle that is more than plain tensors (never loaded), a damaged file."""
+    import pickle
+
+    from safetensors import SafetensorError
+
+    try:
+        return load()
+    except pickle.UnpicklingError:
+        raise ValueError(f"{folder}: its weights file cannot be read as plain weights: it holds more than tensors "
+                         "and plain containers, so it may run code when unpickled; it is not loaded: use the model "
+                         "saved as model.safetensors") from None
+    except SafetensorError as err:
+        raise ValueError(f"{folder}: a weights file is damaged or incomplete (SafetensorError: {err}); re-save the "
+                         "model or copy it again") from None
+
+
+__all__ = ["read_config", "refuse_custom_code", "load_tokenizer", "loading_problems", "load_weights",
+           "weights_files", "read_shapes", "expected_shapes", "check_weights_files", "is_finite", "non_finite_tensors",
            "check_finite_weights"]

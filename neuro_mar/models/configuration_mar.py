@@ -53,6 +53,11 @@ class MARConfig(PretrainedConfig):
         self.dt_min = dt_min
         self.dt_max = dt_max
         self.scan_backend = scan_backend
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "d_state", "n_qk_heads",
+                     "n_v_heads", "d_conv", "expand", "chunk_size"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
         if ssm_input_gain not in SSM_INPUT_GAINS:
             raise ValueError(f"ssm_input_gain must be one of {SSM_INPUT_GAINS}, got {ssm_input_gain!r}")
         self.ssm_input_gain = ssm_input_gain

@@ -189,7 +189,8 @@ class MARPreTrainedModel(PreTrainedModel):
         loads those anyway, for inspection) raise ``ValueError`` naming them instead of loading a
         model with random, dropped or poisoned layers. Shapes and files are checked from the
         safetensors headers before any weight is read."""
-        from .checks import check_finite_weights, check_weights_files
+        from .checks import (check_finite_weights, check_weights_files, expected_shapes, load_weights, loading_problems,
+                             read_config)
 
         want_info = kwargs.pop("output_loading_info", False)
         folder = Path(pretrained_model_name_or_path)
@@ -198,16 +199,23 @@ class MARPreTrainedModel(PreTrainedModel):
         if folder.is_dir():
             config = kwargs.get("config")
             if not isinstance(config, MARConfig):
-                config = cls.config_class.from_pretrained(config if isinstance(config, (str, Path)) else folder)
-            check_weights_files(folder, lambda: cls(config))
-        model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True,
-                                              **kwargs)
-        problems = []
-        for key, what in (("missing_keys", "missing"), ("unexpected_keys", "unexpected"),
-                          ("mismatched_keys", "of another shape")):
-            names = sorted(str(k[0] if isinstance(k, tuple) else k) for k in info.get(key) or [])
-            if names:
-                problems.append(f"{len(names)} {what} ({', '.join(names[:4])}{', ...' if len(names) > 4 else ''})")
+                source = Path(config) if isinstance(config, (str, Path)) else folder
+                read_config(source)
+                try:
+                    config = cls.config_class.from_pretrained(source)
+                except (ValueError, TypeError) as err:  # a field out of range (chunk_size, ...)
+                    raise ValueError(f"{source / 'config.json'}: {err}; restore the config.json saved with the model "
+                                     "(or re-save the model)") from None
+                kwargs["config"] = config
+            try:  # the model the config describes, on the meta device (neurons, options, sites checked)
+                expected = expected_shapes(lambda: cls(config))
+            except (ValueError, TypeError, KeyError) as err:
+                raise ValueError(f"{folder / 'config.json'}: {err}; restore the config.json saved with the model "
+                                 "(or re-save the model)") from None
+            check_weights_files(folder, expected=expected)
+        model, info = load_weights(lambda: super(MARPreTrainedModel, cls).from_pretrained(
+            pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs), pretrained_model_name_or_path)
+        problems = loading_problems(info)
         if problems:
             raise ValueError(f"{pretrained_model_name_or_path}: the weights do not match config.json: "
                              f"{'; '.join(problems)}; the folder was edited or damaged: re-save it from the run "

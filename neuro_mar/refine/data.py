@@ -77,7 +77,12 @@ def read_texts(path: str | Path, text_field: str = "text") -> list[str]:
             import datasets
         except ImportError as err:
             raise DataError(f"{p} is a folder: reading a saved `datasets` folder needs `pip install datasets`") from err
-        ds = datasets.load_from_disk(str(p))
+        try:
+            ds = datasets.load_from_disk(str(p))
+        except Exception as err:  # noqa: BLE001 - FileNotFoundError, ValueError, pyarrow errors...
+            first = (str(err).strip().splitlines() or [""])[0]
+            raise DataError(f"{p} is a folder but not a saved `datasets` folder ({type(err).__name__}: {first}); give "
+                            "a .txt, .jsonl or .parquet file, or a folder written by Dataset.save_to_disk") from None
         if hasattr(ds, "keys"):  # a DatasetDict: take its train split (or the first)
             ds = ds["train"] if "train" in ds else ds[next(iter(ds.keys()))]
         if text_field not in ds.column_names:

@@ -532,10 +532,12 @@ class RunLock:
     """An exclusive lock on ``out/.lock`` (flock; released when the process ends, however it ends):
     a second ``refine`` into the same folder stops instead of interleaving its files."""
 
+    NAME = ".lock"
+
     def __init__(self, out: Path):
         import fcntl
 
-        self.path = out / ".lock"
+        self.path = out / self.NAME
         if not out.exists():
             out.mkdir(parents=True)
             self.created = out
@@ -572,6 +574,12 @@ def _run_locked(cfg: RefineConfig, out: Path, resume: bool, progress: bool, dist
     recorded_cfg = out / "refine_config.json"
     recorded_id = out / "run_identity.json"
     saved_id = None
+    if resume and not recorded_cfg.is_file():  # nothing to check a resume against: only an empty folder starts
+        held = sorted(p.name for p in out.iterdir() if p.name != RunLock.NAME) if out.is_dir() else []
+        if held:
+            raise RefineError(f"--resume: {out} holds files ({', '.join(held[:4])}{', ...' if len(held) > 4 else ''}) "
+                              f"but no refine_config.json: it is not a refine run, or the run's record was deleted, "
+                              "so nothing can be checked; restore refine_config.json or use a new --out")
     if resume and recorded_cfg.is_file():  # a resumed run continues the same configuration, or nothing
         saved_id = read_run_record(recorded_id)  # written with refine_config.json; checked once prepared
         changed = config_changes(read_run_record(recorded_cfg), cfg)

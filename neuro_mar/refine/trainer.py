@@ -124,6 +124,10 @@ def batch_rows(n_rows: int, step: int, micro: int, cfg: TrainConfig, rank: int, 
     return torch.tensor(idx, dtype=torch.long)
 
 
+#: what every checkpoint the trainer writes holds
+CHECKPOINT_KEYS = frozenset({"step", "module", "opt", "sched", "cfg", "history", "rng"})
+
+
 class Trainer:
     """Trains ``module`` (its parameters with requires_grad) on ``rows [n, L]`` by minimising
     ``loss_fn(module, batch) -> scalar``. One trainer per stage; ``name`` names its checkpoint.
@@ -222,6 +226,20 @@ class Trainer:
             raise ValueError(f"checkpoint {p} cannot be read as plain weights ({type(err).__name__}: "
                              f"{str(err).splitlines()[0] if str(err) else ''}); it is damaged or not one this "
                              f"trainer wrote: delete it to restart the stage, or use a new --out") from None
+        damaged = (f"checkpoint {p} is not one this trainer wrote or is damaged ({{}}); delete it to restart the "
+                   "stage, or use a new --out")
+        missing = sorted(CHECKPOINT_KEYS - set(state)) if isinstance(state, dict) else None
+        if missing is None or missing:
+            raise ValueError(damaged.format(f"no {', '.join(missing)}" if missing else f"it holds {type(state).__name__}"))
+        if not isinstance(state["module"], dict) or not isinstance(state["cfg"], dict):
+            raise ValueError(damaged.format("its weights or configuration are not a mapping"))
+        from ..models.checks import is_finite
+
+        bad = [k for k, t in state["module"].items() if not isinstance(t, torch.Tensor)
+               or (t.is_floating_point() and not is_finite(t))]
+        if bad:  # a diverged or tampered state would train on, or be saved as the result
+            raise ValueError(damaged.format(f"{len(bad)} weight tensor(s) not finite or not tensors: "
+                                            f"{', '.join(bad[:3])}"))
         saved, mine = dict(state["cfg"]), asdict(self.cfg)
         if self.cfg.budgeted():  # the budget may have cut the steps: take the checkpoint's
             saved_steps = saved.pop("steps")
