@@ -41,12 +41,17 @@ def remove_stale_temps(path: str | Path) -> list[Path]:
         m = pattern.fullmatch(p.name)
         if m is None or _alive(int(m.group(1))):
             continue
-        if p.is_dir() and not p.is_symlink():
-            shutil.rmtree(p, ignore_errors=True)
-        else:
-            p.unlink(missing_ok=True)
-        removed.append(p)
+        removed.append(_remove(p))
     return removed
+
+
+def _remove(p: Path) -> Path:
+    """Remove the file or folder ``p`` (a symlink itself, never what it points to); returns it."""
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p, ignore_errors=True)
+    else:
+        p.unlink(missing_ok=True)
+    return p
 
 
 def remove_own_temps(path: str | Path) -> list[Path]:
@@ -58,13 +63,8 @@ def remove_own_temps(path: str | Path) -> list[Path]:
         return removed
     prefix = temp_prefix(path)
     for p in path.parent.iterdir():
-        if not p.name.startswith(prefix):
-            continue
-        if p.is_dir() and not p.is_symlink():
-            shutil.rmtree(p, ignore_errors=True)
-        else:
-            p.unlink(missing_ok=True)
-        removed.append(p)
+        if p.name.startswith(prefix):
+            removed.append(_remove(p))
     return removed
 
 
