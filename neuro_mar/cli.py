@@ -21,17 +21,8 @@ def _cmd_neurons(args) -> int:
     return 0
 
 
-def _read_data(path: str, text_field: str = "text") -> list[str]:
-    """The texts of ``--data``, read as ``refine --data`` reads them (.txt as UTF-8, .jsonl and
-    .parquet by ``text_field``, a saved datasets folder): a binary file, a file that is not UTF-8
-    or a missing field raises ``DataError`` naming the file, instead of being tokenized as garbage."""
-    from .refine.data import read_texts
-
-    return read_texts(path, text_field)
-
-
 def _token_batches(tokenizer, texts: list[str] | None, seq_len: int, max_tokens: int):
-    """Token batches [1, seq_len] of ``texts`` (from :func:`_read_data`, or ``[--text]``), or of
+    """Token batches [1, seq_len] of ``texts`` (``--data`` read as refine reads it, or ``[--text]``), or of
     the built-in sample. Several texts (documents of a .jsonl, .parquet or datasets folder) are
     joined with the end-of-text token between documents, as refine packs them."""
     from pathlib import Path
@@ -56,13 +47,6 @@ def _token_batches(tokenizer, texts: list[str] | None, seq_len: int, max_tokens:
     return [ids[i:i + seq_len].unsqueeze(0) for i in range(0, ids.numel(), seq_len)]
 
 
-def _load_teacher(spec: str):
-    """``teachers.load_teacher``: a local folder gets the checks a MAR folder gets (``models.checks``)."""
-    from .teachers import load_teacher
-
-    return load_teacher(spec)
-
-
 def load_student(spec: str, neuron: str | None):
     """A MAR checkpoint folder, or a teacher spec converted on the fly with llama_to_mar; with
     ``neuron`` set at all four sites (thresholds still to calibrate). Returns (model, tokenizer)."""
@@ -85,8 +69,9 @@ def load_student(spec: str, neuron: str | None):
         tok = load_tokenizer(p) if (p / "tokenizer_config.json").is_file() else None
         return model, tok
     from .convert import llama_to_mar
+    from .teachers import load_teacher
 
-    teacher, tok = _load_teacher(spec)
+    teacher, tok = load_teacher(spec)
     model = llama_to_mar(teacher).eval()
     if neuron:
         model.set_neurons(neuron)
@@ -121,7 +106,9 @@ def _cmd_energy(args) -> int:
             get_target(t)
         except (ValueError, FileNotFoundError) as err:
             raise SystemExit(f"error: {err}") from None
-    texts = _read_data(args.data, args.text_field) if args.data else None  # checked before the model loads
+    from .refine.data import read_texts
+
+    texts = read_texts(args.data, args.text_field) if args.data else None  # checked before the model loads
     torch.manual_seed(0)
     model, tok = _model_and_tokenizer(args.model, args.neuron, args.tokenizer, mar=True)
     batches = _token_batches(tok, texts, args.seq_len, args.max_tokens)
@@ -139,14 +126,10 @@ def _cmd_energy(args) -> int:
     return 0
 
 
-def _read_config(folder) -> dict | None:
+def _is_mar_checkpoint(spec: str) -> bool:
     from .models.checks import read_config
 
-    return read_config(folder)
-
-
-def _is_mar_checkpoint(spec: str) -> bool:
-    config = _read_config(spec)
+    config = read_config(spec)
     return config is not None and config.get("model_type") == "neuro_mar"
 
 
@@ -157,7 +140,9 @@ def _cmd_trace(args) -> int:
 
     if (args.text is None) == (args.data is None):
         raise SystemExit("error: give exactly one of --text or --data")
-    texts = [args.text] if args.text is not None else _read_data(args.data, args.text_field)
+    from .refine.data import read_texts
+
+    texts = [args.text] if args.text is not None else read_texts(args.data, args.text_field)
     model, tok = _model_and_tokenizer(args.model, args.neuron, args.tokenizer, mar=True)
     batches = _token_batches(tok, texts, args.seq_len, args.max_tokens)
     if args.neuron:
@@ -337,7 +322,9 @@ def _cmd_eval(args) -> int:
 def _load_any(spec: str):
     if _is_mar_checkpoint(spec):
         return load_student(spec, None)
-    return _load_teacher(spec)
+    from .teachers import load_teacher
+
+    return load_teacher(spec)
 
 
 def _cmd_generate(args) -> int:

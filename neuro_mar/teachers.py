@@ -135,11 +135,10 @@ def _load_folder(folder: Path, dtype: torch.dtype):
     their values finite. Each failure is one ``ValueError`` naming the file and the fix."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from .models.checks import (check_finite_weights, check_weights_files, load_tokenizer, load_weights,
-                                loading_problems, read_config, refuse_custom_code)
+    from .models.checks import (check_finite_weights, check_loading_info, check_weights_files, load_tokenizer,
+                                load_weights, refuse_custom_code)
 
-    read_config(folder)
-    refuse_custom_code(folder)
+    refuse_custom_code(folder)  # reads config.json (and tokenizer_config.json): a damaged one is refused here
     try:
         config = AutoConfig.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
     except Exception as err:  # noqa: BLE001 - an unknown model_type, a field transformers refuses
@@ -154,10 +153,7 @@ def _load_folder(folder: Path, dtype: torch.dtype):
     model, info = load_weights(lambda: AutoModelForCausalLM.from_pretrained(
         str(folder), config=config, dtype=dtype, local_files_only=True, trust_remote_code=False,
         output_loading_info=True), folder)
-    problems = loading_problems(info)
-    if problems:
-        raise ValueError(f"{folder}: the weights do not match config.json: {'; '.join(problems)}; the folder was "
-                         "edited or damaged: copy it again or re-save the model")
+    check_loading_info(info, folder, "copy it again or re-save the model")
     check_finite_weights(model, folder)
     return model, align_special_tokens(load_tokenizer(folder), model)
 

@@ -609,7 +609,8 @@ def test_energy_and_trace_read_data_as_refine_does(tmp_path):
     """--data went through read_text(errors='replace'): a binary file or a .jsonl was tokenized as
     garbage. Now the refine readers: .jsonl/.parquet by field, --text-field, and a file that is
     not UTF-8 text refused naming it, before anything is written."""
-    from neuro_mar.cli import _read_data, _token_batches
+    from neuro_mar.cli import _token_batches
+    from neuro_mar.refine.data import read_texts
 
     from test_refine import _tokenizer
 
@@ -618,7 +619,7 @@ def test_energy_and_trace_read_data_as_refine_does(tmp_path):
     rows = [{"body": " ".join(f"w{(i + j) % 90}" for j in range(12)), "id": i} for i in range(4)]
     jl = tmp_path / "d.jsonl"
     jl.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    batches = _token_batches(tok, _read_data(jl, "body"), seq_len=16, max_tokens=1000)
+    batches = _token_batches(tok, read_texts(jl, "body"), seq_len=16, max_tokens=1000)
     got = torch.cat([b[0] for b in batches]).tolist()
     want = []
     for r in rows:

@@ -131,14 +131,17 @@ def check_finite_weights(model: torch.nn.Module, where) -> None:
                          "it from a good run")
 
 
-def read_config(folder) -> dict | None:
-    """``folder/config.json`` as a dict, None when there is none; a file that is not a JSON
-    object raises ``ValueError`` naming it."""
-    p = Path(folder).expanduser() / "config.json"
+#: what to do about a damaged config.json / tokenizer file
+_CONFIG_FIX = ("the model folder's config.json is truncated or edited: restore it (copy the folder again or re-save "
+               "the model)")
+_TOKENIZER_FIX = "the tokenizer files are truncated or edited: copy them again from the model they belong to"
+
+
+def _json_object(p: Path, fix: str) -> dict | None:
+    """The JSON object in file ``p``, None when there is no such file; a file that is not a JSON
+    object raises ``ValueError`` naming it, with ``fix``."""
     if not p.is_file():
         return None
-    fix = ("the model folder's config.json is truncated or edited: restore it (copy the folder again or re-save "
-           "the model)")
     try:
         data = json.loads(p.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as err:
@@ -148,33 +151,25 @@ def read_config(folder) -> dict | None:
     return data
 
 
+def read_config(folder) -> dict | None:
+    """``folder/config.json`` as a dict, None when there is none; a file that is not a JSON
+    object raises ``ValueError`` naming it."""
+    return _json_object(Path(folder).expanduser() / "config.json", _CONFIG_FIX)
+
+
 def refuse_custom_code(folder, files=("config.json", "tokenizer_config.json")) -> None:
     """Refuse a local folder whose ``files`` name code of their own (``auto_map``): neuro-mar
     loads models and tokenizers with the classes transformers ships, and never runs a folder's
-    Python files (nor asks on stdin whether to)."""
+    Python files (nor asks on stdin whether to). A damaged file raises as :func:`read_config`."""
     for name in files:
         p = Path(folder).expanduser() / name
-        data = read_config(p.parent) if name == "config.json" else _json_object(p)
+        data = _json_object(p, _CONFIG_FIX if name == "config.json" else _TOKENIZER_FIX)
         if data and data.get("auto_map"):
             if name == "config.json" and data.get("model_type") == "neuro_mar":
                 continue  # a MAR folder's own auto_map names the installed package's classes
             raise ValueError(f"{p} names custom code (auto_map {data['auto_map']}); neuro-mar never runs a model "
                              "folder's own Python code: use a folder whose model and tokenizer are classes "
                              "transformers ships (remove auto_map only if you know the classes it names are those)")
-
-
-def _json_object(p: Path) -> dict | None:
-    if not p.is_file():
-        return None
-    try:
-        data = json.loads(p.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as err:
-        raise ValueError(f"{p}: is not valid JSON ({err}); the tokenizer files are truncated or edited: copy them "
-                         "again from the model they belong to") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{p}: holds {type(data).__name__}, not a JSON object; copy the tokenizer files again "
-                         "from the model they belong to")
-    return data
 
 
 def load_tokenizer(folder):
@@ -192,15 +187,18 @@ def load_tokenizer(folder):
                          "from the model they belong to") from None
 
 
-def loading_problems(info: dict) -> list[str]:
-    """``["N missing (names)", ...]`` from ``from_pretrained(..., output_loading_info=True)``."""
+def check_loading_info(info: dict, where, fix: str) -> None:
+    """Refuse what ``from_pretrained(..., output_loading_info=True)`` reports: tensors missing
+    from the weights, unexpected in them or of another shape, named (``fix``: what to do)."""
     problems = []
     for key, what in (("missing_keys", "missing"), ("unexpected_keys", "unexpected"),
                       ("mismatched_keys", "of another shape")):
         names = sorted(str(k[0] if isinstance(k, tuple) else k) for k in info.get(key) or [])
         if names:
             problems.append(f"{len(names)} {what} ({', '.join(names[:4])}{', ...' if len(names) > 4 else ''})")
-    return problems
+    if problems:
+        raise ValueError(f"{where}: the weights do not match config.json: {'; '.join(problems)}; the folder was "
+                         f"edited or damaged: {fix}")
 
 
 def load_weights(load: Callable, folder):
@@ -221,6 +219,6 @@ def load_weights(load: Callable, folder):
                          "model or copy it again") from None
 
 
-__all__ = ["read_config", "refuse_custom_code", "load_tokenizer", "loading_problems", "load_weights",
+__all__ = ["read_config", "refuse_custom_code", "load_tokenizer", "check_loading_info", "load_weights",
            "weights_files", "read_shapes", "expected_shapes", "check_weights_files", "is_finite", "non_finite_tensors",
            "check_finite_weights"]

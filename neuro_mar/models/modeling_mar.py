@@ -189,8 +189,8 @@ class MARPreTrainedModel(PreTrainedModel):
         loads those anyway, for inspection) raise ``ValueError`` naming them instead of loading a
         model with random, dropped or poisoned layers. Shapes and files are checked from the
         safetensors headers before any weight is read."""
-        from .checks import (check_finite_weights, check_weights_files, expected_shapes, load_weights, loading_problems,
-                             read_config)
+        from .checks import (check_finite_weights, check_loading_info, check_weights_files, expected_shapes,
+                             load_weights, read_config)
 
         want_info = kwargs.pop("output_loading_info", False)
         folder = Path(pretrained_model_name_or_path)
@@ -215,11 +215,7 @@ class MARPreTrainedModel(PreTrainedModel):
             check_weights_files(folder, expected=expected)
         model, info = load_weights(lambda: super(MARPreTrainedModel, cls).from_pretrained(
             pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs), pretrained_model_name_or_path)
-        problems = loading_problems(info)
-        if problems:
-            raise ValueError(f"{pretrained_model_name_or_path}: the weights do not match config.json: "
-                             f"{'; '.join(problems)}; the folder was edited or damaged: re-save it from the run "
-                             "that made it")
+        check_loading_info(info, pretrained_model_name_or_path, "re-save it from the run that made it")
         if check_finite:
             check_finite_weights(model, pretrained_model_name_or_path)
         return (model, info) if want_info else model

@@ -228,9 +228,11 @@ class Trainer:
                              f"trainer wrote: delete it to restart the stage, or use a new --out") from None
         damaged = (f"checkpoint {p} is not one this trainer wrote or is damaged ({{}}); delete it to restart the "
                    "stage, or use a new --out")
-        missing = sorted(CHECKPOINT_KEYS - set(state)) if isinstance(state, dict) else None
-        if missing is None or missing:
-            raise ValueError(damaged.format(f"no {', '.join(missing)}" if missing else f"it holds {type(state).__name__}"))
+        if not isinstance(state, dict):
+            raise ValueError(damaged.format(f"it holds {type(state).__name__}"))
+        missing = sorted(CHECKPOINT_KEYS - set(state))
+        if missing:
+            raise ValueError(damaged.format(f"no {', '.join(missing)}"))
         if not isinstance(state["module"], dict) or not isinstance(state["cfg"], dict):
             raise ValueError(damaged.format("its weights or configuration are not a mapping"))
         from ..models.checks import is_finite
