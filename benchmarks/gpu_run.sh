@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Everything this project checks on the lent GPU, in one call (see README "GPU checks").
+# Everything this project checks on the lent GPU, in one call (benchmarks/README.md; the kernels' GPU tests: docs/kernels.md).
 # Expects the wheels in .whl/ (spikingjelly, loguru, snntorch, liger-kernel) and mamba_ssm's Python
 # package in .carry/mamba/ (see benchmarks/README.md); writes logs and JSON under $OUT.
 # Usage: STAGES="tests atmn" bash benchmarks/gpu_run.sh

@@ -7,7 +7,7 @@
 #
 # Usage (repository root, on the GPU machine):  bash benchmarks/mar_gpu.sh
 #   DATA=dir     holds wikitext-2-raw/{train,valid}.txt, arc/ARC-{Easy,Challenge}-validation.jsonl and
-#                dev-tasks/ (the dev suite's files, docs/evaluation.md) (default ../shared/data, else .data)
+#                dev-tasks/ (the dev suite's files, docs/evaluation.md) (default .data)
 #   RESULTS=dir  where report.json/report.md/plots/log are copied (default $OUT or benchmarks/results/mar_gpu)
 #   RUN=dir      the run folder with the trained weights (default /tmp/mar_gpu_run; --resume continues it)
 #   EXTRA="..."  more `neuro-mar refine` flags, e.g. shorter budgets: "--seconds-1c 160 --seconds-2 200"
@@ -17,9 +17,7 @@ set -uo pipefail
 RESULTS=${RESULTS:-${OUT:-benchmarks/results/mar_gpu}}
 RUN=${RUN:-/tmp/mar_gpu_run}
 EXTRA=${EXTRA:-}
-if [ -z "${DATA:-}" ]; then
-  if [ -d ../shared/data/wikitext-2-raw ]; then DATA=../shared/data; else DATA=.data; fi
-fi
+DATA=${DATA:-.data}
 mkdir -p "$RESULTS"
 LOG="$RESULTS/refine.log"
 # the device tool re-syncs the working tree on every call and drops ignored folders a call does not

@@ -3,8 +3,8 @@ several batch / KV-cache / precision settings, each from a cold cache, compilati
 run pays). The first setting is the anchor of the ratios.
 
     python3 -P benchmarks/teacher_sampling.py --data DIR/wikitext-2-raw/train.txt --tokens 262144 \\
-        --setting "static-fp32-256:batch=256,cache=static,bf16=False" \\
-        --setting "dynamic-bf16-1024:batch=1024,cache=dynamic,bf16=True"
+        --setting "dynamic-bf16-1024:batch=1024,cache=dynamic,bf16=True" \\
+        --setting "preallocated-bf16-1024:batch=1024,cache=preallocated,bf16=True"
 
 Prints a table and, last, one JSON line (also written to ``$OUT/teacher_sampling.json``).
 """
@@ -22,10 +22,9 @@ sys.path.insert(0, os.path.dirname(__file__))
 from common import environment, print_table, write_results  # noqa: E402
 
 DEFAULT_SETTINGS = [
-    "static-fp32-256:batch=256,cache=static,bf16=False",
-    "dynamic-bf16-256:batch=256,cache=dynamic,bf16=True",
     "dynamic-bf16-1024:batch=1024,cache=dynamic,bf16=True",
-    "static-bf16-1024:batch=1024,cache=static,bf16=True",
+    "preallocated-bf16-1024:batch=1024,cache=preallocated,bf16=True",
+    "preallocated-bf16-4096:batch=4096,cache=preallocated,bf16=True",
 ]
 
 
@@ -51,7 +50,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--data", help="text whose paragraph openings prompt continuations (as refine --data)")
     ap.add_argument("--tokens", type=int, default=262144, help="tokens to sample per setting")
     ap.add_argument("--setting", action="append", metavar="LABEL:key=value,...",
-                    help=f"batch, cache (static|dynamic), bf16, max_new; default {DEFAULT_SETTINGS}")
+                    help=f"batch, cache (preallocated|static|dynamic), bf16, max_new; default {DEFAULT_SETTINGS}")
     args = ap.parse_args(argv)
     settings = [parse_setting(s) for s in (args.setting or DEFAULT_SETTINGS)]
     if not torch.cuda.is_available():

@@ -47,6 +47,39 @@ def _token_batches(tokenizer, texts: list[str] | None, seq_len: int, max_tokens:
     return [ids[i:i + seq_len].unsqueeze(0) for i in range(0, ids.numel(), seq_len)]
 
 
+def _progress(iterable, desc: str, unit: str = "it", total: int | None = None):
+    """``iterable`` under a tqdm bar on stderr, shown once the phase takes over 2 s."""
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, desc=desc, unit=unit, total=total, leave=False, delay=2.0)
+
+
+class _forward_progress:
+    """``with _forward_progress(model, rows, desc):`` a tqdm bar (stderr, shown after 2 s) that
+    advances by the batch rows of each forward of ``model``: progress for library loops
+    (perplexity, agreement) without changing them."""
+
+    def __init__(self, model, total: int, desc: str):
+        self.model, self.total, self.desc = model, total, desc
+
+    def __enter__(self):
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=self.total, desc=self.desc, unit="seq", leave=False, delay=2.0)
+
+        def advance(module, args, kwargs, output):
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            self.bar.update(int(ids.shape[0]) if hasattr(ids, "shape") and ids.dim() > 1 else 1)
+
+        self.handle = self.model.register_forward_hook(advance, with_kwargs=True)
+        return self.bar
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+        self.bar.close()
+        return False
+
+
 def load_student(spec: str, neuron: str | None):
     """A MAR checkpoint folder, or a teacher spec converted on the fly with llama_to_mar; with
     ``neuron`` set at all four sites (thresholds still to calibrate). Returns (model, tokenizer)."""
@@ -114,9 +147,13 @@ def _cmd_energy(args) -> int:
     batches = _token_batches(tok, texts, args.seq_len, args.max_tokens)
     if args.neuron:  # a freshly set neuron needs thresholds from the data
         model.calibrate_thresholds(batches[:1])
+    from .hardware_models import measure_site_activity
+
+    # spikes are measured once (the same for every context), then priced per context and target
+    activity = measure_site_activity(model, _progress(batches, "measuring spikes", unit="seq"))
     reports = {}
     for ctx in args.context:
-        rep = estimate_energy(model, batches, targets=targets, context=ctx, memory=args.memory)
+        rep = estimate_energy(model, batches, targets=targets, context=ctx, memory=args.memory, activity=activity)
         print(rep.table())
         print()
         reports[ctx] = rep
@@ -179,17 +216,114 @@ def _cmd_plot_trace(args) -> int:
     return 0
 
 
+def _config_value_problem(key: str, value, hint, default) -> str | None:
+    """What is wrong with a --config file's ``value`` for RefineConfig field ``key`` of type ``hint``
+    (resolved annotation) whose default is ``default``; None when it fits. JSON has no tuples:
+    a tuple field takes a list, of numbers like its default's (``dt_range``: two of them)."""
+    import types
+    import typing
+
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        problems = [_config_value_problem(key, value, h, default) for h in options if h is not type(None)]
+        return None if None in problems else problems[0]
+    integer = isinstance(value, int) and not isinstance(value, bool)
+    number = integer or isinstance(value, float)
+    if hint is bool:
+        return None if isinstance(value, bool) else "true or false"
+    if hint is int:
+        return None if integer else "an integer"
+    if hint is float:
+        return None if number else "a number"
+    if hint is str:
+        return None if isinstance(value, str) else "a string"
+    if hint is dict:
+        return None if isinstance(value, dict) else "a JSON object"
+    if hint in (list, tuple):
+        if not isinstance(value, list):
+            return "a list"
+        if hint is tuple and default:  # numbers, as the default's (dt_range, energy_contexts)
+            if any(isinstance(d, int) for d in default):
+                ok, what = all(isinstance(v, int) and not isinstance(v, bool) for v in value), "integers"
+            else:
+                ok, what = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value), "numbers"
+            if not ok:
+                return f"a list of {what}"
+            if key == "dt_range" and len(value) != 2:  # MIN MAX
+                return "a list of two numbers, MIN and MAX"
+        elif hint is list and not all(isinstance(v, str) for v in value):  # paths, names, NAME=FILE specs
+            return "a list of strings"
+    return None
+
+
+def read_refine_config(path: str) -> dict:
+    """The RefineConfig fields of a --config FILE (a run's refine_config.json, or any JSON object of
+    its fields); SystemExit with one ``error:`` line naming the file (and the field) when the file
+    is missing, unreadable, not JSON, not an object, or has an unknown field or a value of the wrong
+    type. Values are returned as RefineConfig takes them (lists of tuple fields as tuples)."""
+    import dataclasses
+    import difflib
+    import json
+    import typing
+    from pathlib import Path
+
+    from .refine import RefineConfig
+
+    p = Path(path).expanduser()
+    where = f"--config {path}"
+    if p.is_dir():
+        hint = f"; give the file: --config {p / 'refine_config.json'}" if (p / "refine_config.json").is_file() else ""
+        raise SystemExit(f"error: {where} is a folder, not a refine_config.json file{hint}")
+    if not p.is_file():
+        raise SystemExit(f"error: {where} does not exist (give a run's refine_config.json)")
+    try:
+        text = p.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError:
+        raise SystemExit(f"error: {where} is not UTF-8 text, so not a refine_config.json") from None
+    except OSError as err:
+        raise SystemExit(f"error: {where} cannot be read ({err.strerror or err})") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise SystemExit(f"error: {where} is not JSON ({err.msg} at line {err.lineno}, column {err.colno})") from None
+    if not isinstance(data, dict):
+        raise SystemExit(f"error: {where} holds a JSON {type(data).__name__}, not an object of refine options "
+                         "(field names as in a run's refine_config.json, e.g. {\"steps_2\": 200})")
+    fields = {f.name: f for f in dataclasses.fields(RefineConfig)}
+    for key in data:
+        if key not in fields:
+            close = difflib.get_close_matches(key.replace("-", "_").lstrip("_"), fields, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; fields: {', '.join(fields)}"
+            raise SystemExit(f"error: {where}: unknown field {key!r} (not an option of this neuro-mar refine){hint}")
+    hints = typing.get_type_hints(RefineConfig)
+    defaults = RefineConfig()
+    values = {}
+    for key, value in data.items():
+        default = getattr(defaults, key)
+        problem = _config_value_problem(key, value, hints[key], default)
+        if problem:
+            raise SystemExit(f"error: {where}: field {key!r} must be {problem}, got {value!r}")
+        values[key] = tuple(value) if isinstance(default, tuple) else value
+    return values
+
+
 def _refine_config(args):
+    """The run's RefineConfig. Precedence, lowest first: RefineConfig's defaults, ``--preset``,
+    ``--config FILE``, the options given on the command line (every refine option defaults to None,
+    so an option that is not None was given)."""
     import dataclasses
 
     from .refine import PRESETS, RefineConfig
 
     values = dict(PRESETS[args.preset])
+    if getattr(args, "config", None):
+        values.update(read_refine_config(args.config))
     for f in dataclasses.fields(RefineConfig):
         v = getattr(args, f.name, None)
-        if v is not None and f.name not in ("data",):
+        if v is not None:
             values[f.name] = v
-    values["data"] = args.data or []
     if args.neuron_option:
         import json
 
@@ -203,6 +337,10 @@ def _refine_config(args):
             raise ValueError(f"--neuron-option must be a JSON object such as {example}; got "
                              f"{type(options).__name__} {args.neuron_option!r}")
         values["neuron_options"] = options
+    defaults = RefineConfig()
+    for key, v in values.items():  # --dt-range gives a list; the file's lists were converted already
+        if isinstance(getattr(defaults, key), tuple) and isinstance(v, list):
+            values[key] = tuple(v)
     return RefineConfig(**values)
 
 
@@ -259,16 +397,17 @@ def _cmd_eval(args) -> int:
     from .refine.data import DataError, read_texts, tokenize_and_pack
 
     entries = []
-    if args.suite or args.task:
+    if args.suite or args.suite_task:
         try:
-            entries = load_suite(args.suite, args.suite_dir, args.task, args.limit)  # all files checked first
+            entries = load_suite(args.suite, args.suite_dir, args.suite_task, args.limit)  # all files checked first
         except TaskFileError as err:
             raise SystemExit(f"error: {err}") from None
-    elif not (args.data or args.tasks):
-        raise SystemExit("error: give --suite NAME --suite-dir DIR or --task NAME=FILE (zero-shot suite), "
-                         "--data FILE (perplexity) or --tasks FILE.jsonl (multiple choice)")
-    if len(args.model) > 1 and (args.data or args.tasks):
-        raise SystemExit("error: --data and --tasks take one MODEL; compare several models with --suite/--task")
+    elif not (args.data or args.multiple_choice):
+        raise SystemExit("error: give --suite NAME --suite-dir DIR or --suite-task NAME=FILE (zero-shot suite), "
+                         "--data FILE (perplexity) or --multiple-choice FILE.jsonl (multiple choice)")
+    if len(args.model) > 1 and (args.data or args.multiple_choice):
+        raise SystemExit("error: --data and --multiple-choice take one MODEL; compare several models with "
+                         "--suite/--suite-task")
     if args.out:
         from pathlib import Path
 
@@ -288,13 +427,15 @@ def _cmd_eval(args) -> int:
         try:
             if args.data:
                 rows = tokenize_and_pack(read_texts(args.data, args.text_field), tok, args.seq_len, args.max_tokens)
-                results["perplexity"] = perplexity(model, rows)
+                with _forward_progress(model, rows.shape[0], "perplexity"):
+                    results["perplexity"] = perplexity(model, rows)
                 if args.teacher:
                     from .refine import agreement
 
                     teacher, _ = _load_any(args.teacher)
-                    results.update(agreement(model, teacher, rows))
-            for path in args.tasks or []:
+                    with _forward_progress(model, rows.shape[0], "agreement with the teacher"):
+                        results.update(agreement(model, teacher, rows))
+            for path in args.multiple_choice or []:
                 results[path] = score_multiple_choice(model, tok, load_multiple_choice(path), progress=True)
         except (DataError, FileNotFoundError, ValueError) as err:
             raise SystemExit(f"error: {err}") from None
@@ -374,7 +515,7 @@ def _cmd_simulate(args) -> int:
         ex = EventDrivenExecutor(model, args.target, max_chips=args.chips, quantize=args.quantize)
     except (MappingError, ValueError) as err:
         raise SystemExit(f"error: {err}") from None
-    logits = ex.run(ids[0])
+    logits = ex.run(ids[0], progress=True)
     import torch
 
     with torch.no_grad():
@@ -511,9 +652,55 @@ def _check_options(args) -> None:
             _check_out(str(Path(args.out).with_suffix(".sonata.h5")), "file")
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` with every option's default: ``(default: X)`` after its help, ``(required)`` for a
+    required option. ``X`` is an action's ``default_text`` where it has one (a default computed
+    elsewhere: refine's presets, the fallback of an unset option), else its default written for
+    people (``on``/``off``, lists space-separated, ``none``)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "%(default)" in text or action.default is argparse.SUPPRESS:
+            return text
+        if not action.option_strings:  # positionals: required, no default
+            return text
+        if action.required:
+            return f"{text} (required)"
+        shown = getattr(action, "default_text", None)
+        if shown is None:
+            shown = _show_default(action.default)
+        return f"{text} (default: {shown.replace('%', '%%')})"
+
+    # option names are never split at their hyphens (textwrap's default breaks "--multiple-choice")
+    def _split_lines(self, text, width):
+        import textwrap
+
+        return textwrap.wrap(self._whitespace_matcher.sub(" ", text).strip(), width, break_on_hyphens=False)
+
+    def _fill_text(self, text, width, indent):
+        import textwrap
+
+        return textwrap.fill(self._whitespace_matcher.sub(" ", text).strip(), width, initial_indent=indent,
+                             subsequent_indent=indent, break_on_hyphens=False)
+
+
+def _show_default(value) -> str:
+    if value is None or (isinstance(value, (list, tuple, dict)) and not value):
+        return "none"
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, (list, tuple)):
+        return " ".join(_show_default(v) for v in value)
+    return str(value)
+
+
 class _Parser(argparse.ArgumentParser):
     """An ArgumentParser (and its subparsers) whose usage errors are one ``error:`` line, exit
-    status 2, without the usage block."""
+    status 2, without the usage block, and whose ``--help`` shows every option's default."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message):  # noqa: D401 - argparse's hook
         import re
@@ -528,216 +715,342 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(
-        prog="neuro-mar",
-        description="MAR: refine a dense Transformer LLM into a spiking state-space language model "
-                    "(ATMN neurons, SBDS distillation), and measure what it costs.",
-    )
-    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    n = sub.add_parser("neurons", help="list the registered neuron types (names for --neuron and swap_neurons)",
-                       description="Print the neuron registry: name, spike levels, default micro-steps T, description.")
-    n.set_defaults(func=_cmd_neurons)
+def _arg(parser, *flags, aliases=(), default_text=None, **kwargs):
+    """``parser.add_argument(*flags, **kwargs)``; ``aliases``: older spellings that still work, hidden
+    from ``--help`` (same dest, type and action; they set no default of their own);
+    ``default_text``: the default as ``--help`` shows it, where the option's own default is None."""
+    action = parser.add_argument(*flags, **kwargs)
+    if default_text is not None:
+        action.default_text = default_text
+    hidden = {k: v for k, v in kwargs.items() if k not in ("help", "default", "required", "dest")}
+    for old in aliases:
+        parser.add_argument(old, dest=action.dest, help=argparse.SUPPRESS, default=argparse.SUPPRESS, **hidden)
+    return action
 
-    e = sub.add_parser(
-        "energy", help="estimate synaptic operations and energy per token on neuromorphic targets and a GPU",
-        description="Count every operation of a MAR model on real text (spikes from a real run; scan, conv, "
-                    "gating, norms and LM head included) and price it on cost tables with sourced constants. "
-                    "Compares against the Transformer teacher and the dense Stage-1 model at the same context. "
-                    "MODEL is a MAR checkpoint folder, or a teacher (smollm2-135m, HF folder, .gguf) converted "
-                    "on the fly with --neuron and calibrated thresholds.")
-    e.add_argument("model", metavar="MODEL")
-    e.add_argument("--target", action="append", metavar="NAME|FILE",
-                   help="cost table name (repeatable; default: 45nm-fp32 45nm-int8 loihi truenorth spinnaker2 "
-                        "h200-bf16) or a .toml/.json table")
-    e.add_argument("--context", type=int, action="append", metavar="N",
-                   help="context length of the comparison (repeatable; default 512)")
-    e.add_argument("--data", metavar="FILE", help=".txt, .jsonl, .parquet or a saved datasets folder to run, read "
-                                                  "as refine --data reads it (default: a built-in English sample)")
-    e.add_argument("--text-field", default="text", help="the text field of a .jsonl/.parquet/datasets --data")
-    e.add_argument("--neuron", help="set this neuron at all four sites and calibrate thresholds on the data")
-    e.add_argument("--tokenizer", default="smollm2-135m", help="tokenizer when MODEL has none (a teacher spec)")
-    e.add_argument("--seq-len", type=int, default=256)
-    e.add_argument("--max-tokens", type=int, default=2048)
-    e.add_argument("--memory", action="store_true", help="also count weight and state memory traffic")
-    e.add_argument("--out", metavar="DIR", help="write energy_ctxN.{json,csv,png} here")
-    e.set_defaults(func=_cmd_energy)
 
-    t = sub.add_parser("trace", help="record spike traces to HDF5 (SONATA), NWB or NIR",
-                       description="Run MODEL on text and record the ternary spikes of its sites, streamed to a "
-                                   "SONATA-compatible HDF5 file (one population per site, polarity as a dataset); "
-                                   "--format nwb/nir also writes that view. MODEL as for `neuro-mar energy`.")
-    t.add_argument("model", metavar="MODEL")
-    t.add_argument("--text", help="text to run")
-    t.add_argument("--data", metavar="FILE", help=".txt, .jsonl, .parquet or a saved datasets folder to run, read "
-                                                  "as refine --data reads it")
-    t.add_argument("--text-field", default="text", help="the text field of a .jsonl/.parquet/datasets --data")
-    t.add_argument("--out", required=True, metavar="FILE")
-    t.add_argument("--sites", default="*", metavar="PATTERN",
-                   help="fnmatch pattern on population names like L03.mlp.down (default: all spiking sites)")
-    t.add_argument("--format", choices=["sonata", "nwb", "nir"], default="sonata")
-    t.add_argument("--neuron", help="set this neuron at all four sites and calibrate thresholds on the text")
-    t.add_argument("--tokenizer", default="smollm2-135m")
-    t.add_argument("--seq-len", type=int, default=256)
-    t.add_argument("--max-tokens", type=int, default=4096)
-    t.set_defaults(func=_cmd_trace)
+def _version() -> str:
+    """The package's version: ``neuro_mar.__version__`` (the code that runs), else the installed
+    distribution's metadata."""
+    version = getattr(sys.modules[__package__], "__version__", None)
+    if version:
+        return version
+    from importlib.metadata import PackageNotFoundError, version
 
-    pt = sub.add_parser("plot-trace", help="PNG rasters per site and a firing-rate heatmap of a trace",
-                        description="Plot a SONATA trace written by `neuro-mar trace`: raster_<site>.png (tokens on "
-                                    "the x axis, +1 red, -1 blue) and firing_rates.png (layer x site kind).")
-    pt.add_argument("trace")
-    pt.add_argument("--out", default=".", metavar="DIR")
-    pt.add_argument("--max-tokens", type=int, default=64)
-    pt.add_argument("--max-channels", type=int, default=128)
-    pt.set_defaults(func=_cmd_plot_trace)
+    try:
+        return version("neuro-mar")
+    except PackageNotFoundError:
+        return "unknown"
 
-    from .evaluation import SUITES, TASKS
-    from .refine import PRESETS
+
+def _refine_default(dest: str, preset: str) -> str:
+    """The value refine uses for ``dest`` when neither the command line nor --config sets it: the
+    ``preset``'s (the --preset default), else RefineConfig's; other presets' values where they differ."""
+    from .refine import PRESETS, RefineConfig
+
+    base = getattr(RefineConfig(), dest)
+    value = PRESETS[preset].get(dest, base)
+    others = [f"{name} {_show_default(PRESETS[name].get(dest, base))}" for name in sorted(PRESETS)
+              if name != preset and PRESETS[name].get(dest, base) != value]
+    return _show_default(value) + (f"; --preset {', '.join(others)}" if others else "")
+
+
+def _add_refine_parser(sub) -> None:
+    import dataclasses
+
+    from .evaluation import SUITES
+    from .refine import PRESETS, RefineConfig
+    from .refine import data as refine_data
+    from .refine.pipeline import option_flag
 
     r = sub.add_parser(
         "refine", help="the main job: refine a dense teacher into a spiking SSM student (Stage 1 + Stage 2)",
         description="MAR refinement. Stage 1: attention -> Discrete Mamba-2 (1a matrix orientation, 1b per-layer "
                     "alignment, 1c end-to-end KL). Stage 2: a spiking neuron at the four projections of every layer, "
                     "calibrated, distilled with SBDS. Writes the Stage-1 model and the spiking student (HF "
-                    "checkpoints), report.md/json and plots into --out. Without --data the teacher generates the "
-                    "training text from built-in prompts (cached). Multi-process: torchrun --nproc-per-node N "
-                    "$(which neuro-mar) refine ...")
-    r.add_argument("--out", required=True, metavar="DIR")
-    r.add_argument("--teacher", help="smollm2-135m (default), a local HF folder or a .gguf file")
-    r.add_argument("--preset", choices=sorted(PRESETS), default="quick",
-                   help="quick: about 20 min on a 2-core CPU; gpu: one H200 in ~20 min (time budgets per stage, "
-                        "binary ablation, throughput check); tiny: smoke test")
-    r.add_argument("--data", action="append", metavar="FILE",
-                   help=".txt, .jsonl, .parquet or a saved datasets folder (repeatable)")
-    r.add_argument("--text-field")
-    r.add_argument("--mix-generated", action="store_true", default=None, help="add teacher-generated text to --data")
-    r.add_argument("--neuron", help="registry name for the four sites (default atmn; see `neuro-mar neurons`)")
-    r.add_argument("--neuron-option", metavar="JSON", help='neuron options, e.g. \'{"T": 8, "tau": 0.5}\'')
-    r.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
-    r.add_argument("--keep-checkpoints", action="store_true", default=None,
-                   help="keep every stage's checkpoint (default: Stage 1's are removed once stage1/ is saved, "
-                        "since a resume needs only stage1/; Stage 2's stay for --resume)")
-    r.add_argument("--fsdp", action="store_true", default=None,
-                   help="under torchrun: shard parameters, gradients and optimizer state (FSDP2) instead of DDP")
-    for name, typ, hlp in [("seq_len", int, "tokens per training sequence"), ("generated_tokens", int, None),
-                           ("max_tokens", int, None), ("steps_1a", int, "matrix orientation steps (0 = skip)"),
-                           ("seq_len_1a", int, "tokens of each row that Stage 1a aligns (its l x l matrices)"),
-                           ("steps_1b", int, "per-layer alignment steps"), ("steps_1c", int, "end-to-end KL steps"),
-                           ("steps_2", int, "Stage-2 SBDS steps"), ("lr_1a", float, None), ("lr_1b", float, None),
-                           ("lr_1c", float, None), ("lr_2", float, None), ("micro_batch", int, None),
-                           ("grad_accum", int, None), ("warmup", int, None), ("seed", int, None),
-                           ("ckpt_every", int, None), ("eval_rows", int, None),
-                           ("alpha", float, "SBDS forward-KL weight (paper: 0.2)"),
-                           ("beta", float, "SBDS reverse-KL weight (paper: 0.7)"),
-                           ("gamma", float, "SBDS feature-alignment weight"), ("temperature", float, None),
-                           ("ce_weight", float, "add next-token cross-entropy"),
-                           ("calib_percentile", float, None),
-                           ("seconds_1a", float, "wall-time budget of Stage 1a in s: steps are cut to fit (0 = none)"),
-                           ("seconds_1b", float, "wall-time budget of Stage 1b in s"),
-                           ("seconds_1c", float, "wall-time budget of Stage 1c in s"),
-                           ("seconds_2", float, "wall-time budget of Stage 2 in s"),
-                           ("seconds_ablation", float, "wall-time budget of each ablation's Stage 2 (0: as Stage 2)"),
-                           ("eval_max_tokens", int, "tokens of --eval-data to evaluate (default 65536; 0 = all)"),
-                           ("throughput_steps", int, "time N Stage-2 steps with the fused kernels and with the "
-                                                     "PyTorch reference paths (0 = skip)"),
-                           ("throughput_micro_batch", int, "sequences per step of that measurement"),
-                           ("gen_max_new", int, "tokens per teacher sample (default 256)"),
-                           ("gen_batch", int, "sequences per sampling batch (default: 1024 on a GPU, 16 on a CPU)"),
-                           ("gen_continuation_share", float, "share of sampling prompts that open --data paragraphs "
-                                                             "(default 0.75; the rest: built-in instructions)"),
-                           ("gen_temperature", float, "teacher sampling temperature (default 1.0)"),
-                           ("gen_top_p", float, "teacher sampling nucleus (default 0.95)"),
-                           ("gen_cache", str, "KV cache of teacher sampling: auto, static or dynamic (default auto: "
-                                              "dynamic)"),
-                           ("gen_precision", str, "teacher sampling precision: auto (default: bf16 on a GPU, fp32 "
-                                                  "elsewhere), fp32 or bf16 (a bf16 copy of the teacher samples)"),
-                           ("eval_limit", int, "documents per suite task (default 0 = all)"),
-                           ("eval_max_length", int, "model window of the suite in tokens (default 2048)")]:
-        r.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, help=hlp)
-    r.add_argument("--eval-data", metavar="FILE",
-                   help="text file for perplexity, KL and agreement of every model (e.g. WikiText-2 valid)")
-    r.add_argument("--eval-task", dest="eval_tasks", action="append", metavar="FILE.jsonl",
-                   help="zero-shot multiple-choice set (ARC, PIQA, HellaSwag jsonl) for every model (repeatable)")
-    r.add_argument("--ablation-neuron", dest="ablation_neurons", action="append", metavar="NAME",
-                   help="also run Stage 2 with this neuron from the same Stage-1 model (repeatable)")
-    r.add_argument("--eval-suite", choices=sorted(SUITES),
-                   help="zero-shot suite the report leads with (dev: development sets; general: the held-out "
-                        "benchmarks); needs --eval-suite-dir")
-    r.add_argument("--eval-suite-dir", metavar="DIR", help="folder holding the suite's files (docs/evaluation.md)")
-    r.add_argument("--eval-suite-task", dest="eval_suite_tasks", action="append", metavar="NAME=FILE",
-                   help="add a task to the suite, e.g. piqa=piqa/validation.jsonl (repeatable)")
-    r.add_argument("--detokenize", choices=["auto", "wikitext", "none"],
-                   help="undo WikiText's tokenisation of --data (default auto: files that look like WikiText)")
-    r.add_argument("--dt-init", choices=["range", "teacher"],
-                   help="mixer memory at initialisation: each head's dt from the teacher's attention span "
-                        "(default teacher) or log-uniform in --dt-range (see docs/quality.md)")
-    r.add_argument("--dt-range", nargs=2, type=float, metavar=("MIN", "MAX"),
-                   help="dt range for --dt-init range (default 0.3 3.0: a memory of 0.3 to 3 tokens)")
-    r.add_argument("--normalize-memory", action=argparse.BooleanOptionalAction, default=None,
-                   help="start each mixer head as a normalised moving average, gain fixed at initialisation; "
-                        "needs --ssm-input-gain none (default off)")
-    r.add_argument("--ssm-input-gain", choices=["none", "zoh"],
-                   help="zoh: the mixer scales x_t by 1 - exp(-dt_t), so each head is a normalised moving "
-                        "average whatever dt does (default zoh; none: plain Discrete Mamba-2)")
-    r.add_argument("--train-1", choices=["all", "blocks", "mixers"],
-                   help="what Stage 1 trains: everything, the decoder blocks, or only the SSM mixers (the "
-                        "teacher's MLPs, norms and embeddings frozen) (default all)")
-    r.add_argument("--train-2", choices=["all", "blocks", "mixers"],
-                   help="what Stage 2 trains, as --train-1; the spike thresholds always train (default all)")
-    r.add_argument("--features", choices=["pre", "post", "both"], help="SBDS feature position (paper: pre)")
-    r.add_argument("--stage2-teacher", choices=["stage1", "teacher"], help="distil Stage 2 from (default stage1)")
+                    "checkpoints), refine_config.json, report.md/json and plots into --out. Without --data the "
+                    "teacher generates the training text from built-in prompts (cached). Every option's value comes "
+                    "from, in rising precedence: RefineConfig's defaults, the --preset, the --config file, the "
+                    "command line; the defaults shown are those of --preset quick. Options named --eval-X do what "
+                    "`neuro-mar eval --X` does. Multi-process: torchrun --nproc-per-node N $(which neuro-mar) "
+                    "refine ...",
+        usage="%(prog)s --out DIR [--preset NAME] [--config FILE] [--data FILE ...] [OPTION ...]",
+        epilog="Replay or vary a run: neuro-mar refine --config runs/a/refine_config.json --out runs/b --steps-2 200")
+    preset = "quick"
+    fields = {f.name for f in dataclasses.fields(RefineConfig)}
+
+    def add(group, *flags, dest=None, **kwargs):
+        """A refine option: its dest is a RefineConfig field, its default None (unset: the preset,
+        --config or RefineConfig decide); --help shows what it resolves to."""
+        dest = dest or flags[0].lstrip("-").replace("-", "_")
+        assert dest in fields and flags[0] == option_flag(dest), (dest, flags[0])  # errors name this flag
+        shown = kwargs.pop("default_text", None) or _refine_default(dest, preset)
+        return _arg(group, *flags, dest=dest, default=None, default_text=shown, **kwargs)
+
+    run = r.add_argument_group("run")
+    _arg(run, "--out", required=True, metavar="DIR", help="run folder: models, report, checkpoints and the run's "
+                                                          "refine_config.json are written here")
+    _arg(run, "--config", metavar="FILE", default_text="none",
+         help="replay a run: take every option from FILE, a run's refine_config.json (or any JSON object of its "
+              "fields, e.g. {\"steps_2\": 200}); options given on the command line override the file's values, and "
+              "the file's override the --preset's (precedence: preset < config file < command line). Paths in it "
+              "are read as written (relative to the current folder)")
+    _arg(run, "--preset", choices=sorted(PRESETS), default=preset,
+         help="quick: about 20 min on a 2-core CPU; gpu: one H200 in ~20 min (time budgets per stage, binary "
+              "ablation, throughput check); tiny: smoke test. With --config, it fills only what the file leaves out")
+    _arg(run, "--resume", action="store_true", help="continue an interrupted run in --out (same options)")
+    add(run, "--teacher", metavar="SPEC",
+        help="the dense Llama-family teacher: smollm2-135m, a local HF folder or a .gguf file")
+    add(run, "--seed", type=int, metavar="N", help="random seed: initialisation, data order, teacher sampling")
+    add(run, "--ckpt-every", type=int, metavar="N", help="save a resumable checkpoint every N optimizer steps")
+    add(run, "--keep-checkpoints", action="store_true",
+        help="keep every stage's checkpoint (off: Stage 1's are removed once stage1/ is saved, since a resume "
+             "needs only stage1/; Stage 2's stay for --resume)")
+    add(run, "--fsdp", action="store_true",
+        help="under torchrun: shard parameters, gradients and optimizer state (FSDP2) instead of DDP")
+
+    data = r.add_argument_group("training data")
+    add(data, "--data", action="append", metavar="FILE",
+        default_text="none: the teacher generates the training text",
+        help=".txt, .jsonl, .parquet or a saved datasets folder (repeatable)")
+    add(data, "--text-field", metavar="NAME", help="the text field of a .jsonl/.parquet/datasets --data")
+    add(data, "--detokenize", choices=["auto", "wikitext", "none"],
+        help="undo WikiText's tokenisation of --data (auto: files that look like WikiText)")
+    add(data, "--mix-generated", action="store_true", help="add teacher-generated text to --data")
+    add(data, "--generated-tokens", type=int, metavar="N",
+        help="tokens of teacher-generated text (without --data, or with --mix-generated)")
+    add(data, "--seq-len", type=int, metavar="N", help="tokens per training (and evaluation) sequence")
+    add(data, "--max-tokens", type=int, metavar="N", default_text="all",
+        help="use at most N tokens of the training text (held-out split included)")
+
+    gen = r.add_argument_group("teacher sampling (generated training text; --gen-X as `neuro-mar generate --X`)")
+    add(gen, "--gen-max-new-tokens", dest="gen_max_new", type=int, metavar="N", aliases=["--gen-max-new"],
+        help="tokens per teacher sample")
+    add(gen, "--gen-batch", type=int, metavar="N",
+        help="sequences per sampling batch (0: 1024 on a GPU, 16 on a CPU)")
+    add(gen, "--gen-continuation-share", type=float, metavar="SHARE",
+        help="share of sampling prompts that open --data paragraphs (the rest: built-in instructions)")
+    add(gen, "--gen-temperature", type=float, metavar="T", help="teacher sampling temperature")
+    add(gen, "--gen-top-p", type=float, metavar="P", help="teacher sampling nucleus (top-p)")
+    add(gen, "--gen-top-k", type=int, metavar="K", help="teacher sampling: the K most probable tokens, cut to "
+                                                        "the nucleus (0: no limit)")
+    add(gen, "--gen-cache", metavar="|".join(("auto", *refine_data.GEN_CACHES)),
+        help="KV cache of teacher sampling: preallocated (one cache for the run, the decode step captured in a "
+             "CUDA graph), or HF generate's static or dynamic cache (auto: preallocated on a GPU for Llama-family "
+             "teachers, else dynamic)")
+    add(gen, "--gen-precision", metavar="auto|fp32|bf16",
+        help="teacher sampling precision: auto (bf16 on a GPU, fp32 elsewhere), fp32 or bf16 (a bf16 copy of "
+             "the teacher samples)")
+
+    s1 = r.add_argument_group("Stage 1: attention -> Discrete Mamba-2")
+    add(s1, "--dt-init", choices=["range", "teacher"],
+        help="mixer memory at initialisation: each head's dt from the teacher's attention span (teacher) or "
+             "log-uniform in --dt-range (range) (see docs/quality.md)")
+    add(s1, "--dt-range", nargs=2, type=float, metavar=("MIN", "MAX"),
+        help="dt range for --dt-init range (0.3 3.0: a memory of 0.3 to 3 tokens)")
+    add(s1, "--ssm-input-gain", choices=["none", "zoh"],
+        help="zoh: the mixer scales x_t by 1 - exp(-dt_t), so each head is a normalised moving average whatever "
+             "dt does; none: plain Discrete Mamba-2")
+    add(s1, "--normalize-memory", action=argparse.BooleanOptionalAction,
+        help="start each mixer head as a normalised moving average, gain fixed at initialisation; needs "
+             "--ssm-input-gain none")
+    add(s1, "--train-1", choices=["all", "blocks", "mixers"],
+        help="what Stage 1 trains: everything, the decoder blocks, or only the SSM mixers (the teacher's MLPs, "
+             "norms and embeddings frozen)")
+    add(s1, "--steps-1a", type=int, metavar="N", help="Stage 1a (matrix orientation) steps (0 = skip)")
+    add(s1, "--seq-len-1a", type=int, metavar="N", help="tokens of each row that Stage 1a aligns (its l x l matrices)")
+    add(s1, "--steps-1b", type=int, metavar="N", help="Stage 1b (per-layer alignment) steps (0 = skip)")
+    add(s1, "--steps-1c", type=int, metavar="N", help="Stage 1c (end-to-end KL) steps (0 = skip)")
+    for sub_stage in ("1a", "1b", "1c"):
+        add(s1, f"--lr-{sub_stage}", type=float, metavar="LR", help=f"peak learning rate of Stage {sub_stage} (AdamW; "
+                                                                    "linear warm-up, then cosine decay)")
+    add(s1, "--seconds-1a", type=float, metavar="S",
+        help="wall-time budget of Stage 1a in s: steps are cut to fit (0 = none)")
+    add(s1, "--seconds-1b", type=float, metavar="S", help="wall-time budget of Stage 1b in s (0 = none)")
+    add(s1, "--seconds-1c", type=float, metavar="S", help="wall-time budget of Stage 1c in s (0 = none)")
+
+    s2 = r.add_argument_group("Stage 2: spiking neurons, SBDS distillation")
+    add(s2, "--neuron", metavar="NAME", help="registry name of the neuron at the four sites (see `neuro-mar neurons`)")
+    _arg(s2, "--neuron-option", metavar="JSON", default_text="none: the neuron's own defaults",
+         help='neuron options as a JSON object, e.g. \'{"T": 8, "tau": 0.5}\'')
+    add(s2, "--calib-percentile", type=float, metavar="P",
+        help="percentile of the dense activations that sets each spike threshold at calibration")
+    add(s2, "--stage2-teacher", choices=["stage1", "teacher"],
+        help="distil Stage 2 from the Stage-1 model or the original teacher")
+    add(s2, "--train-2", choices=["all", "blocks", "mixers"],
+        help="what Stage 2 trains, as --train-1; the spike thresholds always train")
+    add(s2, "--alpha", type=float, metavar="W", help="SBDS forward-KL weight (paper: 0.2)")
+    add(s2, "--beta", type=float, metavar="W", help="SBDS reverse-KL weight (paper: 0.7)")
+    add(s2, "--gamma", type=float, metavar="W", help="SBDS feature-alignment weight")
+    add(s2, "--distill-temperature", dest="temperature", type=float, metavar="T", aliases=["--temperature"],
+        help="distillation temperature: both KL terms compare softmax(logits / T) of teacher and student "
+             "(the loss is scaled by T^2)")
+    add(s2, "--ce-weight", type=float, metavar="W", help="add next-token cross-entropy with this weight")
+    add(s2, "--features", choices=["pre", "post", "both"], help="SBDS feature position (paper: pre)")
+    add(s2, "--steps-2", type=int, metavar="N", help="Stage-2 SBDS steps (0 = skip)")
+    add(s2, "--lr-2", type=float, metavar="LR", help="peak learning rate of Stage 2 (as --lr-1a)")
+    add(s2, "--seconds-2", type=float, metavar="S", help="wall-time budget of Stage 2 in s (0 = none)")
+    add(s2, "--ablation-neuron", dest="ablation_neurons", action="append", metavar="NAME",
+        help="also run Stage 2 with this neuron from the same Stage-1 model (repeatable)")
+    add(s2, "--seconds-ablation", type=float, metavar="S",
+        help="wall-time budget of each ablation's Stage 2 in s (0: as --seconds-2)")
+
+    tr = r.add_argument_group("optimisation (every stage)")
+    add(tr, "--micro-batch", type=int, metavar="N", help="sequences per forward/backward pass")
+    add(tr, "--grad-accum", type=int, metavar="N", help="micro-batches accumulated per optimizer step")
+    add(tr, "--warmup", type=int, metavar="N", help="linear learning-rate warm-up steps of each stage")
+
+    ev = r.add_argument_group("evaluation (--eval-X as `neuro-mar eval --X`)")
+    add(ev, "--eval-rows", type=int, metavar="N",
+        help="rows of the held-out split (of --seq-len tokens) for perplexity, KL and agreement")
+    add(ev, "--eval-data", metavar="FILE",
+        help="text file for perplexity, KL and agreement of every model (e.g. WikiText-2 valid)")
+    add(ev, "--eval-max-tokens", type=int, metavar="N", help="tokens of --eval-data to evaluate (0 = all)")
+    add(ev, "--eval-multiple-choice", dest="eval_tasks", action="append", metavar="FILE.jsonl",
+        aliases=["--eval-task"],
+        help="zero-shot multiple-choice set (ARC, PIQA, HellaSwag jsonl) for every model (repeatable)")
+    add(ev, "--eval-suite", choices=sorted(SUITES),
+        help="zero-shot suite the report leads with (dev: development sets; general: the held-out benchmarks); "
+             "needs --eval-suite-dir")
+    add(ev, "--eval-suite-dir", metavar="DIR", help="folder holding the suite's files (docs/evaluation.md)")
+    add(ev, "--eval-suite-task", dest="eval_suite_tasks", action="append", metavar="NAME=FILE",
+        help="add a task to the suite, e.g. piqa=piqa/validation.jsonl (repeatable)")
+    add(ev, "--eval-limit", type=int, metavar="N", help="documents per suite task (0 = all)")
+    add(ev, "--eval-max-length", type=int, metavar="N", help="model window of the suite in tokens")
+    add(ev, "--throughput-steps", type=int, metavar="N",
+        help="time N Stage-2 steps with the fused kernels and with the PyTorch reference paths (0 = skip)")
+    add(ev, "--throughput-micro-batch", type=int, metavar="N", help="sequences per step of that measurement")
     r.set_defaults(func=_cmd_refine)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .hardware_models.targets import DEFAULT_TARGETS
+
+    p = _Parser(
+        prog="neuro-mar",
+        description="MAR: refine a dense Transformer LLM into a spiking state-space language model "
+                    "(ATMN neurons, SBDS distillation), and measure what it costs.",
+        epilog="`neuro-mar COMMAND --help` lists a command's options with their defaults. Start with "
+               "`neuro-mar refine --preset tiny --out runs/smoke` (a smoke test).",
+    )
+    p.add_argument("--version", action="version", version=f"%(prog)s {_version()}",
+                   help="print the version and exit")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    n = sub.add_parser("neurons", help="list the registered neuron types (names for --neuron and swap_neurons)",
+                       description="Print the neuron registry: name, spike levels, default micro-steps T, description.")
+    n.set_defaults(func=_cmd_neurons)
+
+    model_help = ("a MAR checkpoint folder, or a teacher (smollm2-135m, an HF folder, a .gguf) converted on the fly "
+                  "(set --neuron to make it spike)")
+    tokenizer_help = "tokenizer when MODEL has none of its own (a teacher spec)"
+    e = sub.add_parser(
+        "energy", help="estimate synaptic operations and energy per token on neuromorphic targets and a GPU",
+        description="Count every operation of a MAR model on real text (spikes from a real run; scan, conv, "
+                    "gating, norms and LM head included) and price it on cost tables with sourced constants. "
+                    "Compares against the Transformer teacher and the dense Stage-1 model at the same context. "
+                    "MODEL is a MAR checkpoint folder, or a teacher (smollm2-135m, HF folder, .gguf) converted "
+                    "on the fly with --neuron and calibrated thresholds. Your own chip: --target FILE.toml "
+                    "(examples/my_chip.toml; fields in docs/cost-tables.md).")
+    e.add_argument("model", metavar="MODEL", help=model_help)
+    _arg(e, "--target", action="append", metavar="NAME|FILE", default_text=" ".join(DEFAULT_TARGETS),
+         help="cost table: a registered name or a .toml/.json table (repeatable; fields: docs/cost-tables.md)")
+    _arg(e, "--context", type=int, action="append", metavar="N", default_text="512",
+         help="context length of the comparison (repeatable)")
+    _arg(e, "--data", metavar="FILE", default_text="a built-in English sample",
+         help=".txt, .jsonl, .parquet or a saved datasets folder to run, read as refine --data reads it")
+    _arg(e, "--text-field", default="text", metavar="NAME", help="the text field of a .jsonl/.parquet/datasets --data")
+    _arg(e, "--neuron", metavar="NAME", default_text="none: the model's own",
+         help="set this neuron at all four sites and calibrate thresholds on the data")
+    _arg(e, "--tokenizer", default="smollm2-135m", metavar="SPEC", help=tokenizer_help)
+    _arg(e, "--seq-len", type=int, default=256, metavar="N", help="tokens per forward pass of the measurement")
+    _arg(e, "--max-tokens", type=int, default=2048, metavar="N", help="tokens of the text to run")
+    _arg(e, "--memory", action="store_true", help="also count weight and state memory traffic")
+    _arg(e, "--out", metavar="DIR", default_text="none: print only", help="write energy_ctxN.{json,csv,png} here")
+    e.set_defaults(func=_cmd_energy)
+
+    t = sub.add_parser("trace", help="record spike traces to HDF5 (SONATA), NWB or NIR",
+                       description="Run MODEL on text and record the ternary spikes of its sites, streamed to a "
+                                   "SONATA-compatible HDF5 file (one population per site, polarity as a dataset); "
+                                   "--format nwb/nir also writes that view. Give exactly one of --text or --data.")
+    t.add_argument("model", metavar="MODEL", help=model_help)
+    _arg(t, "--text", help="text to run")
+    _arg(t, "--data", metavar="FILE", help=".txt, .jsonl, .parquet or a saved datasets folder to run, read as "
+                                           "refine --data reads it")
+    _arg(t, "--text-field", default="text", metavar="NAME", help="the text field of a .jsonl/.parquet/datasets --data")
+    _arg(t, "--out", required=True, metavar="FILE",
+         help="the trace file (with --format nwb/nir the SONATA file is written beside it as NAME.sonata.h5)")
+    _arg(t, "--sites", default="*", metavar="PATTERN",
+         help="fnmatch pattern on population names like L03.mlp.down (*: all spiking sites)")
+    _arg(t, "--format", choices=["sonata", "nwb", "nir"], default="sonata", help="file format of --out")
+    _arg(t, "--neuron", metavar="NAME", default_text="none: the model's own",
+         help="set this neuron at all four sites and calibrate thresholds on the text")
+    _arg(t, "--tokenizer", default="smollm2-135m", metavar="SPEC", help=tokenizer_help)
+    _arg(t, "--seq-len", type=int, default=256, metavar="N", help="tokens per recorded sequence")
+    _arg(t, "--max-tokens", type=int, default=4096, metavar="N", help="tokens of the text to record")
+    t.set_defaults(func=_cmd_trace)
+
+    pt = sub.add_parser("plot-trace", help="PNG rasters per site and a firing-rate heatmap of a trace",
+                        description="Plot a SONATA trace written by `neuro-mar trace`: raster_<site>.png (tokens on "
+                                    "the x axis, +1 red, -1 blue) and firing_rates.png (layer x site kind).")
+    pt.add_argument("trace", metavar="TRACE", help="a SONATA .h5 file written by `neuro-mar trace`")
+    _arg(pt, "--out", default=".", metavar="DIR", help="write the PNG files here")
+    _arg(pt, "--max-tokens", type=int, default=64, metavar="N", help="tokens on each raster's x axis")
+    _arg(pt, "--max-channels", type=int, default=128, metavar="N", help="channels on each raster's y axis")
+    pt.set_defaults(func=_cmd_plot_trace)
+
+    _add_refine_parser(sub)
 
     c = sub.add_parser("clean", help="remove the checkpoints of a run that --resume no longer needs",
                        description="Remove the checkpoints (weights and optimizer state) of refine run RUN that "
                                    "a --resume does not need: Stage 1's once stage1/ is saved, and all of them "
                                    "once the run is complete (student/ and report.json written). The models, "
-                                   "report and metrics stay.",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                   "report and metrics stay.")
     c.add_argument("run", metavar="RUN", help="the --out folder of a neuro-mar refine run")
-    c.add_argument("--dry-run", action="store_true", help="list what would go, remove nothing")
+    _arg(c, "--dry-run", action="store_true", help="list what would go, remove nothing")
     c.set_defaults(func=_cmd_clean)
+
+    from .evaluation import SUITES, TASKS
 
     ev = sub.add_parser(
         "eval", help="zero-shot suite (lm-eval definitions), perplexity, agreement with a teacher",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        description="Evaluate one or more MODELs (MAR checkpoints or teacher specs). --suite/--task: zero-shot "
-                    "tasks with lm-evaluation-harness 0.4 definitions from local files, one column per model and "
-                    "the share of the first model's margin above the baseline that each other model keeps. "
-                    f"Tasks: {', '.join(TASKS)}. --data: perplexity (and KL/agreement with --teacher); --tasks: "
-                    "multiple-choice jsonl files (ARC, PIQA, HellaSwag).")
+        description="Evaluate one or more MODELs (MAR checkpoints or teacher specs). --suite/--suite-task: "
+                    "zero-shot tasks with lm-evaluation-harness 0.4 definitions from local files, one column per "
+                    "model and the share of the first model's margin above the baseline that each other model "
+                    f"keeps. Tasks: {', '.join(TASKS)}. --data: perplexity (and KL/agreement with --teacher); "
+                    "--multiple-choice: multiple-choice jsonl files (ARC, PIQA, HellaSwag). refine's --eval-X "
+                    "options do what eval's --X do.")
     ev.add_argument("model", metavar="MODEL", nargs="+", help="the first is the reference of the comparison")
-    ev.add_argument("--suite", choices=sorted(SUITES), help="a built-in suite (dev: development sets; general: "
-                                                             "the held-out benchmarks); needs --suite-dir")
-    ev.add_argument("--suite-dir", metavar="DIR", help="folder holding the suite's files (see docs/evaluation.md)")
-    ev.add_argument("--task", action="append", metavar="NAME=FILE",
-                    help="a task from a file, e.g. lambada_openai=lambada_test.jsonl (repeatable; replaces the "
-                         "suite's entry of the same name; LABEL:NAME=FILE to label it)")
-    ev.add_argument("--limit", type=int, help="first N documents of each task")
-    ev.add_argument("--max-length", type=int, default=2048, help="model window in tokens (lm-eval's max_length)")
-    ev.add_argument("--context-tokens", type=int,
-                    help="cut every context to its last N tokens (probe: how much context a model uses)")
-    ev.add_argument("--batch-tokens", type=int, default=8192, help="input tokens per forward")
-    ev.add_argument("--device", help="run the models here (e.g. cuda)")
-    ev.add_argument("--out", metavar="DIR", help="write suite.json and suite.md here")
-    ev.add_argument("--data", metavar="FILE", help="text for perplexity: .txt, .jsonl, .parquet or a saved datasets "
-                                                   "folder")
-    ev.add_argument("--text-field", default="text", help="the text field of a .jsonl/.parquet/datasets --data")
-    ev.add_argument("--teacher", help="with --data: KL and top-1 agreement with this teacher")
-    ev.add_argument("--tasks", action="append", metavar="FILE.jsonl", help="multiple-choice jsonl (ARC/PIQA/HellaSwag)")
-    ev.add_argument("--tokenizer", default="smollm2-135m", help="tokenizer when MODEL has none")
-    ev.add_argument("--seq-len", type=int, default=256, help="--data sequence length")
-    ev.add_argument("--max-tokens", type=int, default=65536, help="--data tokens to evaluate")
+    _arg(ev, "--suite", choices=sorted(SUITES), help="a built-in suite (dev: development sets; general: the held-out "
+                                                     "benchmarks); needs --suite-dir")
+    _arg(ev, "--suite-dir", metavar="DIR", help="folder holding the suite's files (see docs/evaluation.md)")
+    _arg(ev, "--suite-task", action="append", metavar="NAME=FILE", aliases=["--task"],
+         help="a suite task from a file, e.g. lambada_openai=lambada_test.jsonl (repeatable; replaces the suite's "
+              "entry of the same name; LABEL:NAME=FILE to label it)")
+    _arg(ev, "--limit", type=int, metavar="N", default_text="all", help="first N documents of each task")
+    _arg(ev, "--max-length", type=int, default=2048, metavar="N", help="model window in tokens (lm-eval's max_length)")
+    _arg(ev, "--context-tokens", type=int, metavar="N", default_text="whole contexts",
+         help="cut every context to its last N tokens (probe: how much context a model uses)")
+    _arg(ev, "--batch-tokens", type=int, default=8192, metavar="N", help="input tokens per forward")
+    _arg(ev, "--device", default_text="cpu", help="run the models here (cpu, cuda, cuda:N)")
+    _arg(ev, "--out", metavar="DIR", default_text="none: print only", help="write suite.json and suite.md here")
+    _arg(ev, "--data", metavar="FILE", help="text for perplexity: .txt, .jsonl, .parquet or a saved datasets folder")
+    _arg(ev, "--text-field", default="text", metavar="NAME", help="the text field of a .jsonl/.parquet/datasets --data")
+    _arg(ev, "--teacher", metavar="SPEC", help="with --data: KL and top-1 agreement with this teacher")
+    _arg(ev, "--multiple-choice", action="append", metavar="FILE.jsonl", aliases=["--tasks"],
+         help="multiple-choice jsonl (ARC/PIQA/HellaSwag), acc and acc_norm (repeatable)")
+    _arg(ev, "--tokenizer", default="smollm2-135m", metavar="SPEC", help=tokenizer_help)
+    _arg(ev, "--seq-len", type=int, default=256, metavar="N", help="--data sequence length")
+    _arg(ev, "--max-tokens", type=int, default=65536, metavar="N", help="--data tokens to evaluate")
     ev.set_defaults(func=_cmd_eval)
 
-    g = sub.add_parser("generate", help="generate text with a model", description="Generate from MODEL.")
-    g.add_argument("model", metavar="MODEL")
-    g.add_argument("--prompt", required=True)
-    g.add_argument("--max-new-tokens", type=int, default=64)
-    g.add_argument("--temperature", type=float, default=0.0)
-    g.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--tokenizer", default="smollm2-135m")
+    g = sub.add_parser("generate", help="generate text with a model", description="Generate a continuation of "
+                                                                                   "--prompt with MODEL.")
+    g.add_argument("model", metavar="MODEL", help="a MAR checkpoint folder or a teacher spec")
+    _arg(g, "--prompt", required=True, metavar="TEXT", help="the text to continue ('' starts a new document)")
+    _arg(g, "--max-new-tokens", type=int, default=64, metavar="N", help="tokens to generate")
+    _arg(g, "--temperature", type=float, default=0.0, metavar="T", help="sampling temperature (0: greedy decoding)")
+    _arg(g, "--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    _arg(g, "--seed", type=int, default=0, metavar="N", help="random seed of the sampling")
+    _arg(g, "--tokenizer", default="smollm2-135m", metavar="SPEC", help=tokenizer_help)
     g.set_defaults(func=_cmd_generate)
 
     sm = sub.add_parser("simulate", help="execute a spiking model as synaptic events on a neuromorphic target's cores",
@@ -745,14 +1058,18 @@ def build_parser() -> argparse.ArgumentParser:
                                     "token as events (spikes add or subtract weight columns; scan, norms, gating and "
                                     "LM head run as in the model). Prints per-layer events, cores, traffic and energy "
                                     "per token; --out writes simulate.json and core_map.png.")
-    sm.add_argument("model", metavar="MODEL")
-    sm.add_argument("--text", required=True)
-    sm.add_argument("--target", default="loihi")
-    sm.add_argument("--chips", type=int, help="chip budget: fail with what fits if the model needs more")
-    sm.add_argument("--quantize", action="store_true", help="quantise weights to the target's precision")
-    sm.add_argument("--neuron", help="set this neuron at all four sites and calibrate thresholds on the text")
-    sm.add_argument("--tokenizer", default="smollm2-135m")
-    sm.add_argument("--out", metavar="DIR")
+    sm.add_argument("model", metavar="MODEL", help=model_help)
+    _arg(sm, "--text", required=True, help="text to run, token by token")
+    _arg(sm, "--target", default="loihi", metavar="NAME|FILE",
+         help="a neuromorphic cost table with core limits: a registered name or a .toml/.json table "
+              "(docs/cost-tables.md)")
+    _arg(sm, "--chips", type=int, metavar="N", default_text="no limit",
+         help="chip budget: fail with what fits if the model needs more")
+    _arg(sm, "--quantize", action="store_true", help="quantise weights to the target's precision")
+    _arg(sm, "--neuron", metavar="NAME", default_text="none: the model's own",
+         help="set this neuron at all four sites and calibrate thresholds on the text")
+    _arg(sm, "--tokenizer", default="smollm2-135m", metavar="SPEC", help=tokenizer_help)
+    _arg(sm, "--out", metavar="DIR", default_text="none: print only", help="write simulate.json and core_map.png here")
     sm.set_defaults(func=_cmd_simulate)
     return p
 

@@ -108,7 +108,7 @@ def test_teacher_text_has_no_template_boilerplate_and_is_cached(tmp_path):
                                      progress=False, texts=texts, cache="static", bf16=True)
     assert sum(len(tok(t, add_special_tokens=False).input_ids) for t in static) >= 100
     assert len(list(tmp_path.glob("teacher-text-*.pt"))) == 2
-    with pytest.raises(ValueError, match="cache must be 'static', 'dynamic' or 'auto'"):
+    with pytest.raises(ValueError, match="cache must be one of preallocated, static, dynamic or 'auto'"):
         teacher_generated_texts(teacher, tok, 100, cache_dir=tmp_path, cache="paged", progress=False)
 
 

@@ -236,7 +236,7 @@ def test_cli_eval_refuses_a_bad_task_before_loading_a_model(tmp_path, capsys):
     bad = tmp_path / "x.jsonl"
     _write_jsonl(bad, [{"a": 1}])
     with pytest.raises(SystemExit) as err:
-        main(["eval", "no-such-model", "--task", f"piqa={bad}", "--out", str(tmp_path / "out")])
+        main(["eval", "no-such-model", "--suite-task", f"piqa={bad}", "--out", str(tmp_path / "out")])
     assert str(err.value).startswith("error: ") and "goal, sol1, sol2, label" in str(err.value)
     assert not (tmp_path / "out").exists()
 

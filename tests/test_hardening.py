@@ -24,8 +24,8 @@ def _refine(tmp_path, teacher_dir, data_file, *extra, out="run"):
 
 
 @pytest.mark.parametrize("option,value,match", [
-    ("--temperature", "nan", "--temperature must be a number > 0, got nan"),
-    ("--temperature", "0", "--temperature must be a number > 0"),
+    ("--distill-temperature", "nan", "--distill-temperature must be a number > 0, got nan"),
+    ("--temperature", "0", "--distill-temperature must be a number > 0"),
     ("--alpha", "nan", "--alpha must be a number >= 0"),
     ("--lr-2", "0", "--lr-2 must be a number > 0"),
     ("--lr-1c", "inf", "--lr-1c must be a number > 0, got inf"),

@@ -210,8 +210,8 @@ def test_bad_input_clear_error_and_no_output_folder(case, tmp_path, teacher_dir,
         args += ["--seq-len", "100000"]
         match = "fewer than one sequence"
     elif case == "bad_task":
-        args += ["--eval-task", str(tmp_path / "arc.jsonl")]
-        match = "eval-task.*does not exist"
+        args += ["--eval-multiple-choice", str(tmp_path / "arc.jsonl")]
+        match = "eval-multiple-choice.*does not exist"
     elif case == "bad_ablation":
         args += ["--ablation-neuron", "nope"]
         match = "unknown neuron"
@@ -365,13 +365,13 @@ def _arc_file(path, n=6):
 
 def test_gpu_style_run_with_budgets_eval_ablation_and_throughput(tmp_path, teacher_dir, data_file):
     """What the gpu preset adds, on a tiny teacher: a wall-time budget cuts Stage 2's steps, the
-    report evaluates every model on --eval-data and --eval-task, trains and reports a binary-neuron
+    report evaluates every model on --eval-data and --eval-multiple-choice, trains and reports a binary-neuron
     ablation, and times Stage 2 with the fused and the reference paths."""
     out = tmp_path / "run"
     arc = _arc_file(tmp_path / "arc.jsonl")
     assert main(["refine", "--out", str(out), "--preset", "tiny", "--teacher", str(teacher_dir),
                  "--data", str(data_file), "--steps-2", "12", "--seconds-2", "1e-6", "--eval-data", str(data_file),
-                 "--eval-max-tokens", "320", "--eval-task", str(arc), "--ablation-neuron", "binary",
+                 "--eval-max-tokens", "320", "--eval-multiple-choice", str(arc), "--ablation-neuron", "binary",
                  "--throughput-steps", "2", "--throughput-micro-batch", "2"]) == 0
     rep = json.loads((out / "report.json").read_text())
     assert set(rep["models"]) == {"teacher", "stage1_ssm", "spiking_before_stage2", "spiking_student",
@@ -572,7 +572,7 @@ def test_unknown_train_group_is_refused_before_anything_is_written(tmp_path, tea
     with pytest.raises(RefineError, match="train-2 must be one of all, blocks, mixers, got 'mlps'"):
         run_refine(cfg, tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists()
-    for key, value, message in (("gen_cache", "paged", "--gen-cache must be auto, static or dynamic, got 'paged'"),
+    for key, value, message in (("gen_cache", "paged", "--gen-cache must be auto, preallocated, static, dynamic, got 'paged'"),
                                 ("gen_precision", "fp16", "--gen-precision must be auto, bf16 or fp32, got 'fp16'")):
         bad = RefineConfig(**{**PRESETS["tiny"], "teacher": str(teacher_dir), "data": [str(data_file)], key: value})
         with pytest.raises(RefineError, match=message):

@@ -95,15 +95,24 @@ class Scorer:
         return ctx, whole[len(ctx):]
 
     # -- requests ------------------------------------------------------------------------------
+    def _tokenizing(self, items: list):
+        """``items``, under a tqdm bar (stderr, shown after 2 s) when ``progress`` is on: tokenising
+        tens of thousands of requests takes seconds before scoring starts."""
+        if not self.progress:
+            return items
+        from tqdm.auto import tqdm
+
+        return tqdm(items, desc=f"{self.desc} (tokenizing)", unit="req", leave=False, delay=2.0)
+
     def loglikelihood(self, requests: list[tuple[str, str]]) -> list[tuple[float, bool]]:
-        pairs = [self.encode_pair(c, k) for c, k in requests]
+        pairs = [self.encode_pair(c, k) for c, k in self._tokenizing(requests)]
         if self.context_tokens is not None:
             pairs = [(c[-self.context_tokens:], k) for c, k in pairs]
         return self.score_tokens(pairs)
 
     def loglikelihood_rolling(self, texts: list[str]) -> list[float]:
         windows, owner = [], []
-        for i, text in enumerate(texts):
+        for i, text in enumerate(self._tokenizing(texts)):
             for w in rolling_windows(self.encode(text), self.prefix_token_id, self.max_length):
                 windows.append(w)
                 owner.append(i)

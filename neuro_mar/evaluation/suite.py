@@ -10,7 +10,7 @@ gives (``--suite-dir``). Two suites are built in:
   test, LAMBADA-OpenAI, PIQA, ARC test, HellaSwag, WinoGrande, BoolQ, OpenBookQA): never train
   or tune on these.
 
-The folder layout each expects is :data:`SUITES`; ``--task NAME=FILE`` adds or replaces an entry.
+The folder layout each expects is :data:`SUITES`; ``--suite-task NAME=FILE`` adds or replaces an entry.
 Every file is read and checked before any model runs. Results compare each model with a
 reference (the teacher): for accuracies the share of the reference's margin above the task's
 baseline that the model keeps, ``(model - baseline) / (reference - baseline)``; for perplexities
@@ -60,12 +60,12 @@ class SuiteEntry:
 def parse_task_option(spec: str) -> tuple[str, str, str]:
     """``"NAME=FILE"`` or ``"LABEL:NAME=FILE"`` -> (label, task name, file)."""
     if "=" not in spec:
-        raise TaskFileError(f"--task {spec!r}: expected NAME=FILE (NAME one of {', '.join(TASKS)})")
+        raise TaskFileError(f"--suite-task {spec!r}: expected NAME=FILE (NAME one of {', '.join(TASKS)})")
     name, path = spec.split("=", 1)
     label, _, task = name.rpartition(":")
     task = task.strip()
     if task not in TASKS:
-        raise TaskFileError(f"--task {spec!r}: unknown task {task!r}; known: {', '.join(TASKS)}")
+        raise TaskFileError(f"--suite-task {spec!r}: unknown task {task!r}; known: {', '.join(TASKS)}")
     return (label.strip() or task), task, path
 
 
@@ -88,7 +88,7 @@ def load_suite(suite: str | None = None, suite_dir: str | Path | None = None, ta
         label, task, path = parse_task_option(spec)
         specs = [s for s in specs if s[0] != label] + [(label, task, path)]
     if not specs:
-        raise TaskFileError("no tasks: give --suite NAME with --suite-dir DIR, or --task NAME=FILE")
+        raise TaskFileError("no tasks: give --suite NAME with --suite-dir DIR, or --suite-task NAME=FILE")
     return [SuiteEntry(label, load_task(task, path, limit)) for label, task, path in specs]
 
 
@@ -104,9 +104,10 @@ def evaluate_suite(model, tokenizer, entries: list[SuiteEntry], max_length: int 
                    model_name: str = "model") -> dict:
     """``{label: metrics}`` of ``model`` on every entry (lm-eval definitions; see tasks.py)."""
     results = {}
-    for entry in entries:
+    for i, entry in enumerate(entries, 1):  # progress: one bar per task, "model: label (i/n)"
         scorer = Scorer(model, tokenizer, max_length=max_length, batch_size=batch_size, batch_tokens=batch_tokens,
-                        context_tokens=context_tokens, progress=progress, desc=f"{model_name}: {entry.label}")
+                        context_tokens=context_tokens, progress=progress,
+                        desc=f"{model_name}: {entry.label} ({i}/{len(entries)})")
         reqs = requests_of(entry.task)
         out = scorer.loglikelihood_rolling(reqs) if entry.task.kind == "rolling" else scorer.loglikelihood(reqs)
         results[entry.label] = metrics_of(entry.task, out)

@@ -15,6 +15,11 @@ from pathlib import Path
 import torch
 
 from ..io_utils import atomic_torch_save, jsonl_objects
+from .sampler import BatchSampler, cache_positions
+from .sampler import supports as sampler_supports
+
+#: KV caches of teacher sampling (``teacher_generated_texts``'s ``cache``; ``auto`` picks one)
+GEN_CACHES = ("preallocated", "static", "dynamic")
 
 #: Topics and instruction templates of the built-in prompts (every pair is one prompt).
 TOPICS = [
@@ -204,7 +209,7 @@ def split_heldout(rows: torch.Tensor, fraction: float = 0.1, min_rows: int = 1) 
 def teacher_generated_texts(teacher, tokenizer, n_tokens: int, cache_dir: Path | None = None, max_new: int = 256,
                             batch: int = 16, seed: int = 0, progress: bool = True, texts: list[str] | None = None,
                             continuation_share: float = 0.75, temperature: float = 1.0, top_p: float = 0.95,
-                            cache: str = "auto", bf16: bool = False) -> list[str]:
+                            top_k: int = 50, cache: str = "auto", bf16: bool = False) -> list[str]:
     """Text sampled from the teacher until about ``n_tokens`` tokens (prompt + sample) exist.
 
     Prompts: with ``texts`` (the training data), a ``continuation_share`` of them are the opening
@@ -212,13 +217,17 @@ def teacher_generated_texts(teacher, tokenizer, n_tokens: int, cache_dir: Path |
     built-in instructions (:func:`builtin_prompts`, shuffled), answered through the chat template.
     Each document is the prompt followed by the teacher's sample as plain text, with no template
     or system-prompt boilerplate. Sampling is batched (left padding) at
-    ``temperature`` with nucleus ``top_p``, seeded per batch, so the corpus is deterministic for a
+    ``temperature`` from the ``top_k`` most probable tokens (50, HF's default) cut to the nucleus
+    ``top_p``, seeded per batch, so the corpus is deterministic for a
     seed on one device. Cached by teacher, settings and prompts.
 
-    ``cache``: the KV cache of ``generate`` (``"static"``, ``"dynamic"``; ``"auto"``: dynamic,
-    which compiles nothing: a static cache recompiles the forward for every batch's prompt length,
-    and on an H200 sampled at a sixth of the speed). ``bf16``: a bf16 copy of the teacher samples
-    (default off; the teacher itself is left as it is, it serves as the fp32 reference of training)."""
+    ``cache``: ``"preallocated"`` samples with :class:`~neuro_mar.refine.sampler.BatchSampler`
+    (one KV cache allocated for the whole run, the decode step captured in a CUDA graph on a GPU);
+    ``"static"`` and ``"dynamic"`` use HF ``generate`` with that KV cache (a static cache recompiles
+    the forward for every batch's prompt length); ``"auto"``: preallocated on a GPU for the
+    Llama-family teachers it runs (:func:`~neuro_mar.refine.sampler.supports`), else dynamic. ``bf16``: a bf16
+    copy of the teacher samples (default off; the teacher itself is left as it is, it serves as the
+    fp32 reference of training)."""
     import random
 
     from ..teachers import cache_root
@@ -235,13 +244,16 @@ def teacher_generated_texts(teacher, tokenizer, n_tokens: int, cache_dir: Path |
                                               for i in range(n_docs - len(conts))]
     rng.shuffle(prompts)
     device = next(teacher.parameters()).device
-    cache = "dynamic" if cache == "auto" else cache
-    if cache not in ("static", "dynamic"):
-        raise ValueError(f"cache must be 'static', 'dynamic' or 'auto', got {cache!r}")
+    if cache == "auto":  # on a CPU the preallocated cache's full-length attention costs more than it saves
+        cache = "preallocated" if device.type == "cuda" and sampler_supports(teacher) else "dynamic"
+    if cache not in GEN_CACHES:
+        raise ValueError(f"cache must be one of {', '.join(GEN_CACHES)} or 'auto', got {cache!r}")
     bf16 = bool(bf16)
     settings = [n_tokens, max_new, seed, temperature, top_p, batch, prompts]
     if cache != "dynamic" or bf16:  # the keys of the corpora cached before these settings existed stay
         settings += [cache, bf16]
+    if top_k != 50:
+        settings += [["top_k", top_k]]
     key = hashlib.sha256(json.dumps([teacher.config.to_dict().get("_name_or_path", ""), teacher.config.vocab_size,
                                      teacher.config.num_hidden_layers, *settings]).encode()).hexdigest()[:16]
     path = (Path(cache_dir) if cache_dir is not None else cache_root() / "generated") / f"teacher-text-{key}.pt"
@@ -260,27 +272,36 @@ def teacher_generated_texts(teacher, tokenizer, n_tokens: int, cache_dir: Path |
         bar = tqdm(total=n_tokens, desc="sampling teacher text", unit="tok")
     extra = {"cache_implementation": "static"} if cache == "static" else {}
     sampler = copy.deepcopy(teacher).to(torch.bfloat16) if bf16 else teacher
+    inputs = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                            add_generation_prompt=True)
+              if kind == "chat" and tokenizer.chat_template else p for kind, p in prompts]
+    engine = None
+    if cache == "preallocated":
+        ids = [x or [tokenizer.eos_token_id] for x in tokenizer(inputs, add_special_tokens=False).input_ids]
+        engine = BatchSampler(sampler, batch=min(batch, len(prompts)), max_len=cache_positions(
+            [len(x) for x in ids], max_new))
     i = 0
     while total < n_tokens and i < len(prompts):
         chunk = prompts[i:i + batch]
-        i += batch
-        inputs = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                                add_generation_prompt=True)
-                  if kind == "chat" and tokenizer.chat_template else p for kind, p in chunk]
-        enc = tokenizer(inputs, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
         torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=g)))
-        out = sampler.generate(**enc, max_new_tokens=max_new, do_sample=True, temperature=temperature, top_p=top_p,
-                               pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, **extra)
-        gen = out[:, enc.input_ids.shape[1]:].cpu()
-        for (kind, p), row in zip(chunk, gen):
-            sample = tokenizer.decode(row, skip_special_tokens=True).strip()
-            doc = (p + " " + sample) if kind == "text" else (p + "\n\n" + sample)
-            out_texts.append(doc)
-            total += len(tokenizer(doc, add_special_tokens=False).input_ids)
+        if engine is not None:
+            gen = engine.generate(ids[i:i + batch], max_new, eos_id=tokenizer.eos_token_id,
+                                  pad_id=tokenizer.pad_token_id, temperature=temperature, top_p=top_p, top_k=top_k)
+        else:
+            enc = tokenizer(inputs[i:i + batch], return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+            out = sampler.generate(**enc, max_new_tokens=max_new, do_sample=True, temperature=temperature,
+                                   top_p=top_p, top_k=top_k, pad_token_id=tokenizer.pad_token_id,
+                                   eos_token_id=tokenizer.eos_token_id, **extra)
+            gen = out[:, enc.input_ids.shape[1]:].cpu()
+        i += batch
+        samples = [t.strip() for t in tokenizer.batch_decode(gen, skip_special_tokens=True)]
+        docs = [(p + " " + t) if kind == "text" else (p + "\n\n" + t) for (kind, p), t in zip(chunk, samples)]
+        out_texts += docs
+        total += sum(len(x) for x in tokenizer(docs, add_special_tokens=False).input_ids)
         if bar is not None:
             bar.update(min(bar.total - bar.n, total - bar.n))
     if bar is not None:
         bar.close()
-    del sampler
+    del sampler, engine
     atomic_torch_save({"texts": out_texts, "prompts": [p for _, p in prompts[:i]]}, path)
     return out_texts

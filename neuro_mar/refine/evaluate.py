@@ -2,7 +2,7 @@
 
 Multiple choice is scored the way lm-evaluation-harness scores it (by the zero-shot suite's
 request engine, :mod:`neuro_mar.evaluation`, which has every task; this module keeps the
-``--eval-task`` files): the log-likelihood of each answer continuation after the question context,
+``--eval-multiple-choice`` files): the log-likelihood of each answer continuation after the question context,
 ``acc`` = argmax of the sum, ``acc_norm`` = argmax of the sum divided by the continuation's length
 in characters. Formats (jsonl, one item per line):
 

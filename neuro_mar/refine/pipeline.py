@@ -34,7 +34,8 @@ from ..models.configuration_mar import SSM_INPUT_GAINS
 from ..models.modeling_mar import TRAINABLE_GROUPS
 from ..ssm.discrete_mamba2 import mixing_matrix
 from .clean import removable_checkpoints, run_is_complete
-from .data import DataError, clean_documents, read_texts, split_heldout, teacher_generated_texts, tokenize_and_pack
+from .data import (GEN_CACHES, DataError, clean_documents, read_texts, split_heldout, teacher_generated_texts,
+                   tokenize_and_pack)
 from .losses import feature_loss, sbds_logit_loss
 from .trainer import TrainConfig, Trainer, init_distributed, shutdown_distributed, world
 
@@ -56,6 +57,7 @@ class RefineConfig:
     gen_continuation_share: float = 0.75
     gen_temperature: float = 1.0
     gen_top_p: float = 0.95
+    gen_top_k: int = 50
     gen_cache: str = "auto"
     gen_precision: str = "auto"
     detokenize: str = "auto"  # auto | wikitext | none: undo WikiText's tokenisation of --data (data.clean_documents)
@@ -141,11 +143,13 @@ PRESETS = {
                   micro_batch=4, ckpt_every=10, eval_rows=12),
     # one H200 within about 20 minutes: bf16 autocast and the fused kernels on CUDA; each stage
     # stops at its wall-time budget (13 min of training; loading, generation, kernel compilation
-    # and evaluation take the rest); WikiText-2 valid and ARC come in through --eval-data/--eval-task.
+    # and evaluation take the rest); WikiText-2 valid and ARC come in through --eval-data/--eval-multiple-choice.
     # 32 x 1024 tokens per step: at 16 the host, not the GPU, set the pace (about 47k tokens/s in
     # Stage 1c against 104k at 32), and in the same wall time 32 kept more of the teacher than 16 or
     # 64 (docs/quality.md, ablation 3); learning rates scaled by the square root of the batch
-    "gpu": dict(seq_len=1024, generated_tokens=262144, mix_generated=True, steps_1a=0, steps_1b=4000,
+    # 1M tokens of teacher text: with the preallocated sampler about half a minute on an H200, and
+    # Stage 1c then passes over its data about 10 times instead of 13
+    "gpu": dict(seq_len=1024, generated_tokens=1048576, mix_generated=True, steps_1a=0, steps_1b=4000,
                 steps_1c=8000, steps_2=8000, seconds_1b=90, seconds_1c=330, seconds_2=300, seconds_ablation=60,
                 micro_batch=32, grad_accum=1, ckpt_every=100, eval_rows=32, lr_1b=1.4e-3, lr_1c=4.2e-4, lr_2=2.8e-4,
                 warmup=30, eval_max_tokens=0, ablation_neurons=["binary"], throughput_steps=6),
@@ -159,8 +163,16 @@ class RefineError(ValueError):
     pass
 
 
-def _option(key: str) -> str:
-    return "--" + key.replace("_", "-")
+#: RefineConfig fields whose command-line flag is not the field's name (``neuro-mar refine``'s
+#: flags say what they are across subcommands: --eval-X as ``eval --X``, --gen-X as ``generate --X``)
+FLAG_NAMES = {"temperature": "--distill-temperature", "gen_max_new": "--gen-max-new-tokens",
+              "eval_tasks": "--eval-multiple-choice", "eval_suite_tasks": "--eval-suite-task",
+              "ablation_neurons": "--ablation-neuron"}
+
+
+def option_flag(field: str) -> str:
+    """The ``neuro-mar refine`` flag of the RefineConfig field ``field``."""
+    return FLAG_NAMES.get(field) or "--" + field.replace("_", "-")
 
 
 #: (fields, test, what the value must be) for every numeric option of RefineConfig
@@ -178,6 +190,7 @@ _RANGES = [
     (("gen_top_p",), lambda v: 0 < v <= 1, "a probability in (0, 1]"),
     (("gen_continuation_share",), lambda v: 0 <= v <= 1, "a share in [0, 1]"),
     (("gen_batch",), lambda v: v >= 0, "an integer >= 0 (0: automatic)"),
+    (("gen_top_k",), lambda v: v >= 0, "an integer >= 0 (0: no limit)"),
 ]
 
 
@@ -190,7 +203,7 @@ def validate_config(cfg: RefineConfig) -> None:
             integer = what.startswith("an integer")
             if isinstance(v, bool) or not isinstance(v, (int, float)) or (integer and not isinstance(v, int)) \
                     or not math.isfinite(v) or not ok(v):
-                raise RefineError(f"{_option(key)} must be {what}, got {v!r}")
+                raise RefineError(f"{option_flag(key)} must be {what}, got {v!r}")
     if cfg.max_tokens is not None and (not isinstance(cfg.max_tokens, int) or cfg.max_tokens < cfg.seq_len):
         raise RefineError(f"--max-tokens must be an integer >= --seq-len ({cfg.seq_len}), got {cfg.max_tokens!r}")
     lo, hi = cfg.dt_range
@@ -202,8 +215,8 @@ def validate_config(cfg: RefineConfig) -> None:
         raise RefineError(f"--stage2-teacher must be stage1 or teacher, got {cfg.stage2_teacher!r}")
     if cfg.features not in ("pre", "post", "both"):
         raise RefineError(f"--features must be pre, post or both, got {cfg.features!r}")
-    if cfg.gen_cache not in ("auto", "static", "dynamic"):
-        raise RefineError(f"--gen-cache must be auto, static or dynamic, got {cfg.gen_cache!r}")
+    if cfg.gen_cache not in ("auto", *GEN_CACHES):
+        raise RefineError(f"--gen-cache must be auto, {', '.join(GEN_CACHES)}, got {cfg.gen_cache!r}")
     if cfg.gen_precision not in ("auto", "bf16", "fp32"):
         raise RefineError(f"--gen-precision must be auto, bf16 or fp32, got {cfg.gen_precision!r}")
     if cfg.dt_init not in ("teacher", "range"):
@@ -215,7 +228,7 @@ def validate_config(cfg: RefineConfig) -> None:
                           "memory: add --ssm-input-gain none to use --normalize-memory, or drop it")
     for key in ("train_1", "train_2"):
         if getattr(cfg, key) not in TRAINABLE_GROUPS:
-            raise RefineError(f"{_option(key)} must be one of {', '.join(TRAINABLE_GROUPS)}, got {getattr(cfg, key)!r}")
+            raise RefineError(f"{option_flag(key)} must be one of {', '.join(TRAINABLE_GROUPS)}, got {getattr(cfg, key)!r}")
     if cfg.detokenize not in ("auto", "wikitext", "none"):
         raise RefineError(f"--detokenize must be auto, wikitext or none, got {cfg.detokenize!r}")
 
@@ -363,7 +376,7 @@ def prepare(cfg: RefineConfig, progress: bool = True):
         try:
             load_multiple_choice(p)
         except (FileNotFoundError, ValueError) as err:
-            raise RefineError(f"--eval-task: {err}") from None
+            raise RefineError(f"{option_flag('eval_tasks')}: {err}") from None
     suite_entries(cfg)  # every suite file read and checked now, not after training
     try:
         teacher, tok = load_teacher(cfg.teacher)
@@ -384,7 +397,8 @@ def prepare(cfg: RefineConfig, progress: bool = True):
         texts += teacher_generated_texts(teacher, tok, cfg.generated_tokens, progress=progress, seed=cfg.seed,
                                          batch=cfg.gen_batch or (1024 if on_gpu else 16), max_new=cfg.gen_max_new,
                                          texts=texts or None, continuation_share=cfg.gen_continuation_share,
-                                         temperature=cfg.gen_temperature, top_p=cfg.gen_top_p, cache=cfg.gen_cache,
+                                         temperature=cfg.gen_temperature, top_p=cfg.gen_top_p, top_k=cfg.gen_top_k,
+                                         cache=cfg.gen_cache,
                                          bf16=cfg.gen_precision == "bf16" or (cfg.gen_precision == "auto" and on_gpu))
     rows = tokenize_and_pack(texts, tok, cfg.seq_len, cfg.max_tokens)
     vocab = teacher.get_input_embeddings().weight.shape[0]
@@ -441,7 +455,7 @@ def config_changes(saved: dict, cfg: RefineConfig) -> list[str]:
     defaults = json.loads(json.dumps(asdict(RefineConfig())))
     keys = sorted(k for k in set(saved) | set(now) if not k.startswith(RESUME_FREE_PREFIXES)
                   and not (k not in saved and now.get(k) == defaults.get(k)))  # an option newer than the run
-    return [f"{_option(k)} {saved.get(k)!r} -> {now.get(k)!r}" for k in keys if saved.get(k) != now.get(k)]
+    return [f"{option_flag(k)} {saved.get(k)!r} -> {now.get(k)!r}" for k in keys if saved.get(k) != now.get(k)]
 
 
 def _sha256_tensors(tensors) -> str:

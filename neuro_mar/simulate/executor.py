@@ -122,12 +122,18 @@ class EventDrivenExecutor:
 
     # -- the model, token by token ----------------------------------------------------------------------
     @torch.no_grad()
-    def run(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """``input_ids [L]`` -> logits ``[L, vocab]``, one token at a time with the recurrent state."""
+    def run(self, input_ids: torch.Tensor, progress: bool = False) -> torch.Tensor:
+        """``input_ids [L]`` -> logits ``[L, vocab]``, one token at a time with the recurrent state.
+        ``progress``: a tqdm bar over the tokens on stderr (shown once the run takes over 2 s)."""
         m = self.model.model
         states = [layer.mixer.empty_state(1, dtype=next(self.model.parameters()).dtype) for layer in m.layers]
         logits = []
-        for tok in input_ids.tolist():
+        tokens = input_ids.tolist()
+        if progress:
+            from tqdm.auto import tqdm
+
+            tokens = tqdm(tokens, desc=f"simulating on {self.table.name}", unit="tok", leave=False, delay=2.0)
+        for tok in tokens:
             h = m.embed_tokens.weight[tok]
             for i, blk in enumerate(m.layers):
                 h, states[i] = self._block(i, blk, h, states[i])
