@@ -54,32 +54,6 @@ def _progress(iterable, desc: str, unit: str = "it", total: int | None = None):
     return tqdm(iterable, desc=desc, unit=unit, total=total, leave=False, delay=2.0)
 
 
-class _forward_progress:
-    """``with _forward_progress(model, rows, desc):`` a tqdm bar (stderr, shown after 2 s) that
-    advances by the batch rows of each forward of ``model``: progress for library loops
-    (perplexity, agreement) without changing them."""
-
-    def __init__(self, model, total: int, desc: str):
-        self.model, self.total, self.desc = model, total, desc
-
-    def __enter__(self):
-        from tqdm.auto import tqdm
-
-        self.bar = tqdm(total=self.total, desc=self.desc, unit="seq", leave=False, delay=2.0)
-
-        def advance(module, args, kwargs, output):
-            ids = kwargs.get("input_ids", args[0] if args else None)
-            self.bar.update(int(ids.shape[0]) if hasattr(ids, "shape") and ids.dim() > 1 else 1)
-
-        self.handle = self.model.register_forward_hook(advance, with_kwargs=True)
-        return self.bar
-
-    def __exit__(self, *exc):
-        self.handle.remove()
-        self.bar.close()
-        return False
-
-
 def load_student(spec: str, neuron: str | None):
     """A MAR checkpoint folder, or a teacher spec converted on the fly with llama_to_mar; with
     ``neuron`` set at all four sites (thresholds still to calibrate). Returns (model, tokenizer)."""
@@ -427,14 +401,12 @@ def _cmd_eval(args) -> int:
         try:
             if args.data:
                 rows = tokenize_and_pack(read_texts(args.data, args.text_field), tok, args.seq_len, args.max_tokens)
-                with _forward_progress(model, rows.shape[0], "perplexity"):
-                    results["perplexity"] = perplexity(model, rows)
+                results["perplexity"] = perplexity(model, rows, progress="perplexity")
                 if args.teacher:
                     from .refine import agreement
 
                     teacher, _ = _load_any(args.teacher)
-                    with _forward_progress(model, rows.shape[0], "agreement with the teacher"):
-                        results.update(agreement(model, teacher, rows))
+                    results.update(agreement(model, teacher, rows, progress="agreement with the teacher"))
             for path in args.multiple_choice or []:
                 results[path] = score_multiple_choice(model, tok, load_multiple_choice(path), progress=True)
         except (DataError, FileNotFoundError, ValueError) as err:

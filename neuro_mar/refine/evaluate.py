@@ -23,12 +23,23 @@ from ..evaluation.tasks import hellaswag_preprocess
 from ..kernels.sbds_ref import kl as forward_kl  # KL(teacher || student) per position
 
 
+def _batches(n: int, batch: int, progress: bool | str):
+    """Start indices of ``batch``-row slices of ``n`` rows, under a tqdm bar (stderr, shown once
+    the loop takes over 2 s) when ``progress`` is true (a string names the bar)."""
+    starts = range(0, n, batch)
+    if not progress:
+        return starts
+    from tqdm.auto import tqdm
+
+    return tqdm(starts, desc=progress if isinstance(progress, str) else None, unit="batch", leave=False, delay=2.0)
+
+
 @torch.no_grad()
-def perplexity(model, rows: torch.Tensor, batch: int = 8) -> float:
+def perplexity(model, rows: torch.Tensor, batch: int = 8, progress: bool | str = False) -> float:
     """exp(mean next-token cross-entropy) over ``rows [n, L]``."""
     model.eval()
     total, count = 0.0, 0
-    for i in range(0, rows.shape[0], batch):
+    for i in _batches(rows.shape[0], batch, progress):
         ids = rows[i:i + batch].to(model.device)
         logits = model(input_ids=ids).logits[:, :-1].float()
         total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum").item()
@@ -37,13 +48,13 @@ def perplexity(model, rows: torch.Tensor, batch: int = 8) -> float:
 
 
 @torch.no_grad()
-def agreement(student, teacher, rows: torch.Tensor, batch: int = 8) -> dict:
+def agreement(student, teacher, rows: torch.Tensor, batch: int = 8, progress: bool | str = False) -> dict:
     """Mean KL(teacher || student) per token and top-1 agreement with the teacher (computed on
     the student's device)."""
     student.eval()
     teacher.eval()
     kl, agree, n = 0.0, 0, 0
-    for i in range(0, rows.shape[0], batch):
+    for i in _batches(rows.shape[0], batch, progress):
         ids = rows[i:i + batch]
         s = student(input_ids=ids.to(student.device)).logits.float()
         t = teacher(input_ids=ids.to(teacher.device)).logits.float().to(s.device)

@@ -86,7 +86,7 @@ def _guarded(rows: dict, key: str, fn) -> None:
         warnings.warn(f"evaluation {key!r} failed: {rows[f'{key}_error']}", stacklevel=2)
 
 
-def _extended_eval(cfg, models: dict, teacher, tok) -> tuple[dict, dict]:
+def _extended_eval(cfg, models: dict, teacher, tok, progress: bool = False) -> tuple[dict, dict]:
     """Perplexity, KL and agreement on ``cfg.eval_data`` and zero-shot accuracy on ``cfg.eval_tasks``
     for every model; returns (per-model rows, description of what was evaluated)."""
     from .data import clean_documents, read_texts, tokenize_and_pack
@@ -99,17 +99,19 @@ def _extended_eval(cfg, models: dict, teacher, tok) -> tuple[dict, dict]:
                                cfg.eval_max_tokens if cfg.eval_max_tokens > 0 else None)
         info["eval_data"] = {"file": str(cfg.eval_data), "tokens": int(ev.numel()), "seq_len": cfg.seq_len}
         for name, m in models.items():
-            _guarded(rows[name], "eval_perplexity", lambda m=m: {"eval_perplexity": perplexity(m, ev)})
+            bar = progress and f"{name}: --eval-data"
+            _guarded(rows[name], "eval_perplexity",
+                     lambda m=m, bar=bar: {"eval_perplexity": perplexity(m, ev, progress=bar)})
             if name != "teacher":
                 _guarded(rows[name], "eval_agreement",
-                         lambda m=m: {f"eval_{k}": v for k, v in agreement(m, teacher, ev).items()})
+                         lambda m=m, bar=bar: {f"eval_{k}": v for k, v in agreement(m, teacher, ev, progress=bar).items()})
     for path in cfg.eval_tasks:
         task = Path(path).stem
         items = load_multiple_choice(path)
         info.setdefault("tasks", {})[task] = {"file": str(path), "items": len(items)}
         for name, m in models.items():
             def score(m=m, task=task, items=items):
-                r = score_multiple_choice(m, tok, items)
+                r = score_multiple_choice(m, tok, items, progress=progress)
                 return {f"{task}_acc": r["acc"], f"{task}_acc_norm": r["acc_norm"]}
             _guarded(rows[name], task, score)
     return rows, info
@@ -148,12 +150,13 @@ def build_report(cfg, out: Path, teacher, stage1, before, student, tok, held, ti
     models.update({f"ablation_{name}": m for name, m in ablations.items()})
     rows = {}
     for name, m in models.items():
-        r = {"heldout_perplexity": perplexity(m, held)}
+        bar = progress and f"{name}: held-out rows"
+        r = {"heldout_perplexity": perplexity(m, held, progress=bar)}
         if name != "teacher":
-            r.update(agreement(m, teacher, held))
+            r.update(agreement(m, teacher, held, progress=bar))
         rows[name] = r
     suite = suite_report(cfg, {k: v for k, v in models.items() if k != "spiking_before_stage2"}, tok, progress)
-    extra, eval_info = _extended_eval(cfg, models, teacher, tok)
+    extra, eval_info = _extended_eval(cfg, models, teacher, tok, progress)
     for name, r in extra.items():
         rows[name].update(r)
     firing, mean_rate, energy = _spiking_summary(student, held, cfg.energy_contexts)
