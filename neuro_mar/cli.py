@@ -334,6 +334,29 @@ def _cmd_refine(args) -> int:
     return 0
 
 
+def _cmd_sweep(args) -> int:
+    from .refine import RefineError
+    from .refine.data import DataError
+    from .refine.sweep import read_runs, run_sweep
+
+    cfg = _refine_config(args)
+    only = None
+    if args.only is not None:
+        only = [n.strip() for n in args.only.split(",") if n.strip()]
+        if not only:
+            raise SystemExit(f"error: --only {args.only!r} names no run; give NAME,NAME,... from --runs")
+    try:
+        runs = read_runs(args.runs)
+        result = run_sweep(cfg, runs, args.out, only=only)
+    except (RefineError, DataError, FileNotFoundError) as err:
+        raise SystemExit(f"error: {err}") from None
+    print(result["markdown"])
+    if result["failed"]:
+        raise SystemExit(f"error: {len(result['failed'])} run(s) failed ({'; '.join(result['failed'])}); the others "
+                         "are in the tables")
+    return 0
+
+
 def _cmd_clean(args) -> int:
     from pathlib import Path
 
@@ -531,11 +554,12 @@ _OPTION_RANGES = {
                  (("seed",), *_SEED)],
     "simulate": [(("chips",), *_INT_GE1)],
     "refine": [(("seed",), *_SEED)],
+    "sweep": [(("seed",), *_SEED)],
 }
 
 # per command: (option, what is written there): "folder" (files written into it) or "file"
 _OUT_KINDS = {"energy": "folder", "eval": "folder", "simulate": "folder", "plot-trace": "folder",
-              "refine": "folder", "trace": "file"}
+              "refine": "folder", "sweep": "folder", "trace": "file"}
 
 
 def _option(dest: str) -> str:
@@ -726,14 +750,41 @@ def _refine_default(dest: str, preset: str) -> str:
     return _show_default(value) + (f"; --preset {', '.join(others)}" if others else "")
 
 
-def _add_refine_parser(sub) -> None:
+def _refine_adder(preset: str = "quick"):
+    """``add(group, *flags, **kwargs)``, which adds one refine option to an argument group: its dest
+    is a RefineConfig field whose flag is ``option_flag(field)``, its default None (unset: the
+    preset, --config or RefineConfig decide); --help shows what it resolves to under ``preset``."""
     import dataclasses
 
-    from .evaluation import SUITES
-    from .refine import PRESETS, RefineConfig
-    from .refine import data as refine_data
+    from .refine import RefineConfig
     from .refine.pipeline import option_flag
 
+    fields = {f.name for f in dataclasses.fields(RefineConfig)}
+
+    def add(group, *flags, dest=None, **kwargs):
+        dest = dest or flags[0].lstrip("-").replace("-", "_")
+        assert dest in fields and flags[0] == option_flag(dest), (dest, flags[0])  # errors name this flag
+        shown = kwargs.pop("default_text", None) or _refine_default(dest, preset)
+        return _arg(group, *flags, dest=dest, default=None, default_text=shown, **kwargs)
+
+    return add
+
+
+def _add_config_and_preset(group, preset: str = "quick") -> None:
+    """refine's (and sweep's) --config FILE and --preset NAME."""
+    from .refine import PRESETS
+
+    _arg(group, "--config", metavar="FILE", default_text="none",
+         help="replay a run: take every option from FILE, a run's refine_config.json (or any JSON object of its "
+              "fields, e.g. {\"steps_2\": 200}); options given on the command line override the file's values, and "
+              "the file's override the --preset's (precedence: preset < config file < command line). Paths in it "
+              "are read as written (relative to the current folder)")
+    _arg(group, "--preset", choices=sorted(PRESETS), default=preset,
+         help="quick: about 20 min on a 2-core CPU; gpu: one H200 in ~20 min (time budgets per stage, binary "
+              "ablation, throughput check); tiny: smoke test. With --config, it fills only what the file leaves out")
+
+
+def _add_refine_parser(sub) -> None:
     r = sub.add_parser(
         "refine", help="the main job: refine a dense teacher into a spiking SSM student (Stage 1 + Stage 2)",
         description="MAR refinement. Stage 1: attention -> Discrete Mamba-2 (1a matrix orientation, 1b per-layer "
@@ -746,30 +797,28 @@ def _add_refine_parser(sub) -> None:
                     "`neuro-mar eval --X` does. Multi-process: torchrun --nproc-per-node N $(which neuro-mar) "
                     "refine ...",
         usage="%(prog)s --out DIR [--preset NAME] [--config FILE] [--data FILE ...] [OPTION ...]",
-        epilog="Replay or vary a run: neuro-mar refine --config runs/a/refine_config.json --out runs/b --steps-2 200")
-    preset = "quick"
-    fields = {f.name for f in dataclasses.fields(RefineConfig)}
-
-    def add(group, *flags, dest=None, **kwargs):
-        """A refine option: its dest is a RefineConfig field, its default None (unset: the preset,
-        --config or RefineConfig decide); --help shows what it resolves to."""
-        dest = dest or flags[0].lstrip("-").replace("-", "_")
-        assert dest in fields and flags[0] == option_flag(dest), (dest, flags[0])  # errors name this flag
-        shown = kwargs.pop("default_text", None) or _refine_default(dest, preset)
-        return _arg(group, *flags, dest=dest, default=None, default_text=shown, **kwargs)
-
+        epilog="Replay or vary a run: neuro-mar refine --config runs/a/refine_config.json --out runs/b --steps-2 200. "
+               "Stage 2 only, from a finished run's Stage-1 model: neuro-mar refine --from-stage1 runs/a/stage1 "
+               "--out runs/c --neuron binary (many such runs: neuro-mar sweep, docs/sweep.md)")
+    add = _refine_adder()
     run = r.add_argument_group("run")
     _arg(run, "--out", required=True, metavar="DIR", help="run folder: models, report, checkpoints and the run's "
                                                           "refine_config.json are written here")
-    _arg(run, "--config", metavar="FILE", default_text="none",
-         help="replay a run: take every option from FILE, a run's refine_config.json (or any JSON object of its "
-              "fields, e.g. {\"steps_2\": 200}); options given on the command line override the file's values, and "
-              "the file's override the --preset's (precedence: preset < config file < command line). Paths in it "
-              "are read as written (relative to the current folder)")
-    _arg(run, "--preset", choices=sorted(PRESETS), default=preset,
-         help="quick: about 20 min on a 2-core CPU; gpu: one H200 in ~20 min (time budgets per stage, binary "
-              "ablation, throughput check); tiny: smoke test. With --config, it fills only what the file leaves out")
+    _add_config_and_preset(run)
     _arg(run, "--resume", action="store_true", help="continue an interrupted run in --out (same options)")
+    add(run, "--from-stage1", metavar="DIR", default_text="none: run Stage 1",
+        help="skip Stage 1: start Stage 2 from this saved Stage-1 model (a run's stage1/ folder, made from "
+             "--teacher); the Stage-1 options are then unused and stage1/ is not copied into --out")
+    _add_refine_options(r, run, add)
+    r.set_defaults(func=_cmd_refine)
+
+
+def _add_refine_options(r, run, add, stage2_only: bool = False) -> None:
+    """Every refine option but those of the "run" group's own (--out, --config, --preset, --resume,
+    --from-stage1), into ``r``'s argument groups (``run`` takes --teacher, --seed, ...).
+    ``stage2_only`` (sweep): without the Stage-1 options, the ablations, the throughput check and --fsdp."""
+    from .refine import data as refine_data
+
     add(run, "--teacher", metavar="SPEC",
         help="the dense Llama-family teacher: smollm2-135m, a local HF folder or a .gguf file")
     add(run, "--seed", type=int, metavar="N", help="random seed: initialisation, data order, teacher sampling")
@@ -777,8 +826,9 @@ def _add_refine_parser(sub) -> None:
     add(run, "--keep-checkpoints", action="store_true",
         help="keep every stage's checkpoint (off: Stage 1's are removed once stage1/ is saved, since a resume "
              "needs only stage1/; Stage 2's stay for --resume)")
-    add(run, "--fsdp", action="store_true",
-        help="under torchrun: shard parameters, gradients and optimizer state (FSDP2) instead of DDP")
+    if not stage2_only:  # a sweep runs one process per GPU, never under torchrun
+        add(run, "--fsdp", action="store_true",
+            help="under torchrun: shard parameters, gradients and optimizer state (FSDP2) instead of DDP")
 
     data = r.add_argument_group("training data")
     add(data, "--data", action="append", metavar="FILE",
@@ -813,6 +863,13 @@ def _add_refine_parser(sub) -> None:
         help="teacher sampling precision: auto (bf16 on a GPU, fp32 elsewhere), fp32 or bf16 (a bf16 copy of "
              "the teacher samples)")
 
+    if not stage2_only:
+        _add_stage1_options(r, add)
+    _add_stage2_options(r, add, stage2_only)
+    _add_run_options(r, add, stage2_only)
+
+
+def _add_stage1_options(r, add) -> None:
     s1 = r.add_argument_group("Stage 1: attention -> Discrete Mamba-2")
     add(s1, "--dt-init", choices=["range", "teacher"],
         help="mixer memory at initialisation: each head's dt from the teacher's attention span (teacher) or "
@@ -840,6 +897,8 @@ def _add_refine_parser(sub) -> None:
     add(s1, "--seconds-1b", type=float, metavar="S", help="wall-time budget of Stage 1b in s (0 = none)")
     add(s1, "--seconds-1c", type=float, metavar="S", help="wall-time budget of Stage 1c in s (0 = none)")
 
+
+def _add_stage2_options(r, add, stage2_only: bool = False) -> None:
     s2 = r.add_argument_group("Stage 2: spiking neurons, SBDS distillation")
     add(s2, "--neuron", metavar="NAME", help="registry name of the neuron at the four sites (see `neuro-mar neurons`)")
     _arg(s2, "--neuron-option", metavar="JSON", default_text="none: the neuron's own defaults",
@@ -857,14 +916,24 @@ def _add_refine_parser(sub) -> None:
         help="distillation temperature: both KL terms compare softmax(logits / T) of teacher and student "
              "(the loss is scaled by T^2)")
     add(s2, "--ce-weight", type=float, metavar="W", help="add next-token cross-entropy with this weight")
+    add(s2, "--rate-weight", type=float, metavar="W",
+        help="activity regulariser: add W x the mean over spiking sites of (firing rate - --rate-target)^2, or "
+             "with --rate-target 0 the mean firing rate (0 = off; rate: non-zero spikes / (elements x T))")
+    add(s2, "--rate-target", type=float, metavar="R", help="firing rate in [0, 1] that --rate-weight pulls towards")
     add(s2, "--features", choices=["pre", "post", "both"], help="SBDS feature position (paper: pre)")
     add(s2, "--steps-2", type=int, metavar="N", help="Stage-2 SBDS steps (0 = skip)")
     add(s2, "--lr-2", type=float, metavar="LR", help="peak learning rate of Stage 2 (as --lr-1a)")
     add(s2, "--seconds-2", type=float, metavar="S", help="wall-time budget of Stage 2 in s (0 = none)")
-    add(s2, "--ablation-neuron", dest="ablation_neurons", action="append", metavar="NAME",
-        help="also run Stage 2 with this neuron from the same Stage-1 model (repeatable)")
-    add(s2, "--seconds-ablation", type=float, metavar="S",
-        help="wall-time budget of each ablation's Stage 2 in s (0: as --seconds-2)")
+    if not stage2_only:
+        add(s2, "--ablation-neuron", dest="ablation_neurons", action="append", metavar="NAME",
+            help="also run Stage 2 with this neuron from the same Stage-1 model (repeatable)")
+        add(s2, "--seconds-ablation", type=float, metavar="S",
+            help="wall-time budget of each ablation's Stage 2 in s (0: as --seconds-2)")
+
+
+def _add_run_options(r, add, stage2_only: bool = False) -> None:
+    """The optimisation and evaluation groups of refine's options."""
+    from .evaluation import SUITES
 
     tr = r.add_argument_group("optimisation (every stage)")
     add(tr, "--micro-batch", type=int, metavar="N", help="sequences per forward/backward pass")
@@ -888,10 +957,46 @@ def _add_refine_parser(sub) -> None:
         help="add a task to the suite, e.g. piqa=piqa/validation.jsonl (repeatable)")
     add(ev, "--eval-limit", type=int, metavar="N", help="documents per suite task (0 = all)")
     add(ev, "--eval-max-length", type=int, metavar="N", help="model window of the suite in tokens")
-    add(ev, "--throughput-steps", type=int, metavar="N",
-        help="time N Stage-2 steps with the fused kernels and with the PyTorch reference paths (0 = skip)")
-    add(ev, "--throughput-micro-batch", type=int, metavar="N", help="sequences per step of that measurement")
-    r.set_defaults(func=_cmd_refine)
+    if not stage2_only:
+        add(ev, "--throughput-steps", type=int, metavar="N",
+            help="time N Stage-2 steps with the fused kernels and with the PyTorch reference paths (0 = skip)")
+        add(ev, "--throughput-micro-batch", type=int, metavar="N", help="sequences per step of that measurement")
+
+
+def _add_sweep_parser(sub) -> None:
+    from .refine.sweep import SWEEP_FIELDS
+
+    s = sub.add_parser(
+        "sweep", help="Stage 2 again and again from one Stage-1 model: neuron configurations, a table and a "
+                      "Pareto plot",
+        description="Run every run of --runs FILE.json in turn: Stage 2 from the --from-stage1 model (a refine "
+                    "run's stage1/), each with its own overrides of the Stage-2 options, the same data, data order "
+                    "and budget otherwise, each into its own refine run folder OUT/NAME/. A finished run is skipped "
+                    "and an interrupted one resumed, so the same command continues a sweep. Then OUT/sweep.csv, "
+                    "OUT/sweep.md and the Pareto plot OUT/sweep_pareto.png/.pdf (quality against energy per "
+                    "token) are written from every finished run. The common options are refine's; the preset's "
+                    "ablations and throughput check are not run (list those neurons as runs). Several GPUs: one "
+                    "sweep per GPU on the same --out, each with its own --only subset (docs/sweep.md). A run sets "
+                    f"any of: {', '.join(SWEEP_FIELDS)}.",
+        usage="%(prog)s --from-stage1 DIR --runs FILE.json --out DIR [--only NAME,...] [--preset NAME] "
+              "[--config FILE] [OPTION ...]",
+        epilog="Example: neuro-mar sweep --from-stage1 runs/a/stage1 --runs examples/sweep_neurons.json --out "
+               "sweeps/neurons --config runs/a/refine_config.json")
+    add = _refine_adder()
+    run = s.add_argument_group("sweep")
+    _arg(run, "--from-stage1", dest="from_stage1", required=True, metavar="DIR",
+         help="the Stage-1 model every run starts from: a refine run's stage1/ folder, made from --teacher")
+    _arg(run, "--runs", required=True, metavar="FILE.json",
+         help='the runs: {"runs": [{"name": "atmn-t2", "neuron": "atmn", "neuron_options": {"T": 2}}, ...]} '
+              "(format: docs/sweep.md)")
+    _arg(run, "--out", required=True, metavar="DIR",
+         help="sweep folder: one refine run folder per run (OUT/NAME/), sweep.csv, sweep.md, sweep_pareto.png/.pdf")
+    _arg(run, "--only", metavar="NAME,...", default_text="every run of --runs",
+         help="run only these runs (comma-separated names), e.g. one subset per GPU; the tables and the plot "
+              "still list every finished run")
+    _add_config_and_preset(run)
+    _add_refine_options(s, run, add, stage2_only=True)
+    s.set_defaults(func=_cmd_sweep)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -970,6 +1075,7 @@ def build_parser() -> argparse.ArgumentParser:
     pt.set_defaults(func=_cmd_plot_trace)
 
     _add_refine_parser(sub)
+    _add_sweep_parser(sub)
 
     c = sub.add_parser("clean", help="remove the checkpoints of a run that --resume no longer needs",
                        description="Remove the checkpoints (weights and optimizer state) of refine run RUN that "

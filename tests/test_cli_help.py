@@ -16,7 +16,7 @@ from neuro_mar.cli import _refine_config, build_parser, main
 from neuro_mar.refine import PRESETS, RefineConfig
 
 ROOT = Path(__file__).resolve().parent.parent
-COMMANDS = ["neurons", "energy", "trace", "plot-trace", "refine", "clean", "eval", "generate", "simulate"]
+COMMANDS = ["neurons", "energy", "trace", "plot-trace", "refine", "clean", "eval", "generate", "simulate", "sweep"]
 
 
 def _commands(parser) -> dict:

@@ -12,6 +12,8 @@ then SBDS from the Stage-1 model (or the original teacher).
 Each sub-stage has its own step budget; 0 skips it. Output folder: ``stage1/`` and ``student/``
 (Hugging Face checkpoints with the tokenizer), ``report.md``, ``report.json``, plots,
 ``metrics.jsonl``, ``checkpoints/`` (resume with the same command plus ``--resume``).
+``from_stage1`` (``--from-stage1 DIR``) skips Stage 1: Stage 2 starts from a saved Stage-1 model
+(a run's ``stage1/``), which is checked against the teacher and not copied into the run folder.
 """
 from __future__ import annotations
 
@@ -30,13 +32,14 @@ import torch.nn.functional as F
 
 from ..convert import llama_to_mar
 from ..io_utils import atomic_write_text, make_temp
+from ..models.checks import expected_shapes, read_config
 from ..models.configuration_mar import SSM_INPUT_GAINS
 from ..models.modeling_mar import TRAINABLE_GROUPS
 from ..ssm.discrete_mamba2 import mixing_matrix
 from .clean import removable_checkpoints, run_is_complete
 from .data import (GEN_CACHES, DataError, clean_documents, read_texts, split_heldout, teacher_generated_texts,
                    tokenize_and_pack)
-from .losses import feature_loss, sbds_logit_loss
+from .losses import feature_loss, firing_rate_penalty, sbds_logit_loss, site_firing_rates
 from .trainer import TrainConfig, Trainer, init_distributed, shutdown_distributed, world
 
 
@@ -78,6 +81,9 @@ class RefineConfig:
     seq_len: int = 128
     max_tokens: int | None = None
     heldout_fraction: float = 0.1
+    # Stage 2 only: start from this saved Stage-1 model (a run's stage1/ folder) instead of training
+    # Stage 1; the Stage-1 options are then unused
+    from_stage1: str | None = None
     neuron: str = "atmn"
     neuron_options: dict = field(default_factory=dict)
     calib_percentile: float = 99.9
@@ -88,6 +94,10 @@ class RefineConfig:
     temperature: float = 1.0
     features: str = "pre"
     ce_weight: float = 0.0
+    # Stage 2's activity regulariser: rate_weight x the mean over spiking sites of (rate - rate_target)^2,
+    # or with rate_target 0 the mean rate (rate: non-zero spikes / (elements x T)); 0 = off
+    rate_weight: float = 0.0
+    rate_target: float = 0.0
     steps_1a: int = 0
     # matrix orientation aligns every layer's and head's l x l mixing matrix at once: on the first
     # seq_len_1a tokens of each row (memory grows with its square)
@@ -167,7 +177,7 @@ class RefineError(ValueError):
 #: flags say what they are across subcommands: --eval-X as ``eval --X``, --gen-X as ``generate --X``)
 FLAG_NAMES = {"temperature": "--distill-temperature", "gen_max_new": "--gen-max-new-tokens",
               "eval_tasks": "--eval-multiple-choice", "eval_suite_tasks": "--eval-suite-task",
-              "ablation_neurons": "--ablation-neuron"}
+              "ablation_neurons": "--ablation-neuron", "neuron_options": "--neuron-option"}
 
 
 def option_flag(field: str) -> str:
@@ -184,7 +194,8 @@ _RANGES = [
     (("seq_len", "seq_len_1a", "eval_max_length"), lambda v: v >= 2, "an integer >= 2"),
     (("lr_1a", "lr_1b", "lr_1c", "lr_2", "temperature", "gen_temperature"), lambda v: v > 0, "a number > 0"),
     (("alpha", "beta", "gamma", "ce_weight", "seconds_1a", "seconds_1b", "seconds_1c", "seconds_2",
-      "seconds_ablation"), lambda v: v >= 0, "a number >= 0"),
+      "seconds_ablation", "rate_weight"), lambda v: v >= 0, "a number >= 0"),
+    (("rate_target",), lambda v: 0 <= v <= 1, "a firing rate in [0, 1]"),
     (("calib_percentile",), lambda v: 0 < v <= 100, "a percentile in (0, 100]"),
     (("heldout_fraction",), lambda v: 0 < v < 1, "a fraction in (0, 1)"),
     (("gen_top_p",), lambda v: 0 < v <= 1, "a probability in (0, 1]"),
@@ -204,6 +215,8 @@ def validate_config(cfg: RefineConfig) -> None:
             if isinstance(v, bool) or not isinstance(v, (int, float)) or (integer and not isinstance(v, int)) \
                     or not math.isfinite(v) or not ok(v):
                 raise RefineError(f"{option_flag(key)} must be {what}, got {v!r}")
+    if cfg.from_stage1 is not None and not isinstance(cfg.from_stage1, str):
+        raise RefineError(f"--from-stage1 must be a folder path, got {cfg.from_stage1!r}")
     if cfg.max_tokens is not None and (not isinstance(cfg.max_tokens, int) or cfg.max_tokens < cfg.seq_len):
         raise RefineError(f"--max-tokens must be an integer >= --seq-len ({cfg.seq_len}), got {cfg.max_tokens!r}")
     lo, hi = cfg.dt_range
@@ -320,10 +333,17 @@ def _check_ce_weight(cfg: RefineConfig, device: torch.device) -> None:
 
 
 def make_loss_2(cfg: RefineConfig):
+    """Stage 2's loss ``fn(student, teacher, ids [b, l]) -> scalar``: SBDS on the logits, plus
+    ``gamma`` x the feature term, ``ce_weight`` x next-token cross-entropy and ``rate_weight`` x
+    the firing-rate penalty of the student's spiking sites (:func:`~neuro_mar.refine.losses.firing_rate_penalty`,
+    on rates recorded with gradient during the same forward)."""
     def loss_2(student, teacher, ids):
         want_h = cfg.gamma > 0
         _check_ce_weight(cfg, ids.device)
-        loss, s, t = logit_sbds(student, teacher, ids, cfg.alpha, cfg.beta, cfg.temperature, hidden=want_h)
+        with site_firing_rates(student, enabled=cfg.rate_weight > 0) as rates:
+            loss, s, t = logit_sbds(student, teacher, ids, cfg.alpha, cfg.beta, cfg.temperature, hidden=want_h)
+        if cfg.rate_weight > 0:
+            loss = loss + cfg.rate_weight * firing_rate_penalty(rates, cfg.rate_target)
         if want_h:
             L = len(student.model.layers)
             norms = {l: (student.model.layers[l].input_layernorm, teacher.model.layers[l].input_layernorm)
@@ -360,14 +380,9 @@ def prepare(cfg: RefineConfig, progress: bool = True):
     from .evaluate import load_multiple_choice
 
     validate_config(cfg)
-    neurons = __import__("neuro_mar").neurons
-    for name in [cfg.neuron, *cfg.ablation_neurons]:
-        if name not in neurons.available():
-            raise RefineError(f"unknown neuron {name!r}; see `neuro-mar neurons`")
-        try:  # one neuron of each configured kind, with its options, before anything trains
-            neurons.create(name, channels=4, **(cfg.neuron_options if name == cfg.neuron else {}))
-        except (TypeError, ValueError) as err:
-            raise RefineError(f"neuron {name!r} with options {cfg.neuron_options}: {err}") from None
+    check_neurons(cfg)
+    if cfg.from_stage1 is not None:
+        check_stage1_folder(cfg.from_stage1)  # the files; the shapes once the teacher is loaded (load_stage1)
     for p in cfg.data:
         read_texts(p, cfg.text_field)  # raises DataError with the file name
     if cfg.eval_data:
@@ -413,6 +428,93 @@ def prepare(cfg: RefineConfig, progress: bool = True):
     return teacher.float(), tok, train, held[: cfg.eval_rows]
 
 
+def check_neurons(cfg: RefineConfig) -> None:
+    """Every configured neuron (``neuron`` with ``neuron_options``, the ablations with their
+    defaults) is in the registry and builds with its options; :class:`RefineError` naming it."""
+    neurons = __import__("neuro_mar").neurons
+    for name in [cfg.neuron, *cfg.ablation_neurons]:
+        if name not in neurons.available():
+            raise RefineError(f"unknown neuron {name!r}; see `neuro-mar neurons`")
+        try:  # one neuron of each configured kind, with its options, before anything trains
+            neurons.create(name, channels=4, **(cfg.neuron_options if name == cfg.neuron else {}))
+        except (TypeError, ValueError) as err:
+            raise RefineError(f"neuron {name!r} with options {cfg.neuron_options}: {err}") from None
+
+
+def check_stage1_folder(path: str | Path) -> dict:
+    """The ``config.json`` of a ``--from-stage1`` folder, checked without reading weights: a
+    folder holding a MAR model whose sites are all dense (a Stage-1 model, as a run's ``stage1/``).
+    :class:`RefineError` naming the problem and the fix otherwise."""
+    flag = option_flag("from_stage1")
+    p = Path(path).expanduser()
+    give = "give the stage1/ folder of a neuro-mar refine run (RUN/stage1)"
+    if not p.exists():
+        raise RefineError(f"{flag} {path} does not exist; {give}")
+    if not p.is_dir():
+        raise RefineError(f"{flag} {path} is a file, not a model folder; {give}")
+    if not (p / "config.json").is_file():
+        hint = (f"; it is a run folder: give {p / 'stage1'}" if (p / "stage1" / "config.json").is_file()
+                else f"; {give}")
+        raise RefineError(f"{flag} {path} holds no config.json, so it is not a saved model{hint}")
+    try:
+        config = read_config(p)
+    except ValueError as err:
+        raise RefineError(f"{flag}: {err}") from None
+    if config.get("model_type") != "neuro_mar":
+        raise RefineError(f"{flag} {path} is not a MAR model (model_type {config.get('model_type')!r}): Stage 2 "
+                          f"starts from a Stage-1 model; {give}, or drop {flag} to run Stage 1 from the teacher")
+    spiking = sorted({n for n in (config.get("neurons") or {}).values() if n != "dense"}
+                     | {s.get("name") for s in (config.get("site_neurons") or {}).values()
+                        if isinstance(s, dict) and s.get("name") != "dense"})
+    if spiking:
+        raise RefineError(f"{flag} {path} is a spiking model ({', '.join(map(str, spiking))} neurons), not a Stage-1 "
+                          "model: Stage 2 starts from the dense Stage-1 model; give RUN/stage1, not RUN/student")
+    return config
+
+
+def load_stage1(cfg: RefineConfig, teacher, identity: dict):
+    """The ``--from-stage1`` model, loaded with ``MARForCausalLM.from_pretrained``'s checks (weights
+    whole, of ``config.json``'s shapes, finite) and checked against ``teacher``: every tensor of
+    the shape ``llama_to_mar(teacher)`` gives it, and, when the folder sits in a run folder with a
+    ``run_identity.json``, made from the same teacher weights and tokenizer (``identity``:
+    :func:`run_identity` of this run). :class:`RefineError` naming the problem and the fix."""
+    from ..convert import mar_config_from_llama
+    from ..models import MARForCausalLM
+
+    flag = option_flag("from_stage1")
+    path = Path(cfg.from_stage1).expanduser()
+    check_stage1_folder(path)
+    try:
+        model = MARForCausalLM.from_pretrained(path)
+    except (ValueError, OSError) as err:
+        raise RefineError(f"{flag}: {err}") from None
+    other = (f"it was made from another teacher: give the --teacher its run used (RUN/refine_config.json), or "
+             f"drop {flag} to run Stage 1 from --teacher {cfg.teacher}")
+    want, _ = expected_shapes(lambda: MARForCausalLM(mar_config_from_llama(teacher.config)))
+    have = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    bad = [f"{k} is {list(have[k])} there but {list(want[k])} for this teacher" for k in sorted(want)
+           if k in have and have[k] != want[k]]
+    bad += [f"{k} missing" for k in sorted(set(want) - set(have))]
+    bad += [f"{k} unexpected" for k in sorted(set(have) - set(want))]
+    if bad:
+        shown = "; ".join(bad[:3]) + ("; ..." if len(bad) > 3 else "")
+        raise RefineError(f"{flag} {cfg.from_stage1} does not have the shapes of a Stage-1 model of --teacher "
+                          f"{cfg.teacher} ({len(bad)} tensor(s): {shown}); {other}")
+    record = path.parent / "run_identity.json"
+    if record.is_file():  # the run that made it says which teacher (a folder copied elsewhere: shapes only)
+        try:
+            made_by = json.loads(record.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            made_by = None
+        if isinstance(made_by, dict):
+            differ = [k.replace("_", " ") for k in ("teacher_weights", "tokenizer")
+                      if made_by.get(k) is not None and made_by[k] != identity[k]]
+            if differ:
+                raise RefineError(f"{flag} {cfg.from_stage1}: the {' and '.join(differ)} of --teacher {cfg.teacher} "
+                                  f"differ from those of the run that made it ({record}); {other}")
+    return model
+
+
 def init_student(cfg: RefineConfig, teacher, rows: torch.Tensor):
     """``llama_to_mar(teacher)`` with the configured mixer initialisation; ``dt_init="teacher"``
     measures each attention head's span on up to 4 of ``rows`` (at most 512 tokens each)."""
@@ -428,7 +530,7 @@ def init_student(cfg: RefineConfig, teacher, rows: torch.Tensor):
 
 #: options that may change on ``--resume``: they only decide what is evaluated after training, or
 #: (the teacher and the data, which may be given by another path) are checked by content instead,
-#: through the run's ``run_identity.json``
+#: through the run's ``run_identity.json`` (``from_stage1`` too, see :func:`_differs`)
 RESUME_FREE_PREFIXES = ("eval_", "keep_checkpoints", "data", "teacher")
 
 
@@ -455,7 +557,16 @@ def config_changes(saved: dict, cfg: RefineConfig) -> list[str]:
     defaults = json.loads(json.dumps(asdict(RefineConfig())))
     keys = sorted(k for k in set(saved) | set(now) if not k.startswith(RESUME_FREE_PREFIXES)
                   and not (k not in saved and now.get(k) == defaults.get(k)))  # an option newer than the run
-    return [f"{option_flag(k)} {saved.get(k)!r} -> {now.get(k)!r}" for k in keys if saved.get(k) != now.get(k)]
+    return [f"{option_flag(k)} {saved.get(k)!r} -> {now.get(k)!r}" for k in keys
+            if _differs(k, saved.get(k), now.get(k))]
+
+
+def _differs(key: str, old, new) -> bool:
+    """Whether a recorded option changed for ``--resume``: ``from_stage1`` only when it is given or
+    dropped (another path to it is checked by content: ``stage1_weights`` in run_identity.json)."""
+    if key == "from_stage1":
+        return (old is None) != (new is None)
+    return old != new
 
 
 def _sha256_tensors(tensors) -> str:
@@ -526,7 +637,8 @@ def _save_model(model, tok, path: Path) -> None:
 
 
 def run_refine(cfg: RefineConfig, out: str | Path, resume: bool = False, progress: bool = True) -> dict:
-    """Run Stage 1 and Stage 2, evaluate, and write the report. Returns the report dict."""
+    """Run Stage 1 (or take ``cfg.from_stage1``'s model) and Stage 2, evaluate, and write the report.
+    Returns the report dict."""
     out = Path(out)
     distributed = init_distributed()
     rank, _ = world()
@@ -607,14 +719,18 @@ def _run_locked(cfg: RefineConfig, out: Path, resume: bool, progress: bool, dist
     t_start = time.time()
     teacher, tok, train, held = prepare(cfg, progress=progress and rank == 0)
     identity = run_identity(teacher, tok, train)
+    given_stage1 = None
+    if cfg.from_stage1 is not None:  # checked against the teacher; its weights join the run's fingerprints
+        given_stage1 = load_stage1(cfg, teacher, identity)
+        identity["stage1_weights"] = _sha256_tensors(sorted(given_stage1.state_dict().items()))
     if saved_id is not None:
         changed = [k for k in identity if saved_id.get(k) != identity[k]]
         if changed:
             raise RefineError(f"--resume: the {', '.join(k.replace('_', ' ') for k in changed)} differ from those "
                               f"{out} was started with (run_identity.json); resume with the same teacher and data "
-                              "or use a new --out")
+                              f"{'(and --from-stage1 model) ' if given_stage1 is not None else ''}or use a new --out")
     torch.manual_seed(cfg.seed)
-    student = init_student(cfg, teacher, train)
+    student = init_student(cfg, teacher, train) if given_stage1 is None else given_stage1
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         if not (resume and recorded_cfg.is_file()):  # written once, after every check
@@ -658,7 +774,9 @@ def _run_locked(cfg: RefineConfig, out: Path, resume: bool, progress: bool, dist
         return trainer.result().student
 
     stage1_dir = out / "stage1"
-    if resume and (stage1_dir / "config.json").is_file():
+    if given_stage1 is not None:
+        pass  # Stage 1 is the --from-stage1 model, left where it is (not copied into the run folder)
+    elif resume and (stage1_dir / "config.json").is_file():
         student = MARForCausalLM.from_pretrained(stage1_dir).to(device)
     else:
         student = stage("stage1a", student, teacher, make_loss_1a(cfg), cfg.steps_1a, cfg.lr_1a, cfg.seconds_1a)
