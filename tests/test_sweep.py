@@ -10,27 +10,10 @@ import pytest
 import torch
 
 from neuro_mar.cli import main
-from test_refine import WORDS, _tokenizer
+from test_refine import WORDS, _tokenizer, data_file, teacher_dir  # noqa: F401 - fixtures
 from tiny import tiny_llama
 
 KINDS = ("mixer.in", "mixer.out", "mlp.in", "mlp.down")
-
-
-@pytest.fixture(scope="module")
-def teacher_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("teacher")
-    tiny_llama().save_pretrained(d)
-    _tokenizer().save_pretrained(d)
-    return d
-
-
-@pytest.fixture(scope="module")
-def data_file(tmp_path_factory):
-    g = torch.Generator().manual_seed(0)
-    words = [WORDS[(i * 7 + int(torch.randint(0, 3, (1,), generator=g))) % 90] for i in range(3000)]
-    p = tmp_path_factory.mktemp("data") / "train.txt"
-    p.write_text(" ".join(words))
-    return p
 
 
 def _common(teacher_dir, data_file):
